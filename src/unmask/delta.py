@@ -1,0 +1,430 @@
+"""SparseDelta: the result of selective fine-tuning, stored in O(B) bytes.
+
+On disk a delta is a folder with two files:
+  delta.safetensors   per tensor NAME either ``NAME:indices`` (int32, or int64 for tensors with
+                      >= 2^31 elements; ascending, unique) with ``NAME:values`` (the change from
+                      the pretrained value, float32/float64), or ``NAME:replace`` (the whole
+                      trained tensor, for dense parameters such as a new classification head);
+  delta_config.json   format version, the tensor list (shape, dtype, kind, count), the training
+                      metadata (method, budget, ε, exp, T, base model), a sha256 of each base
+                      tensor the delta changes, and a sha256 of delta.safetensors.
+
+An fp32 delta takes 8 bytes per changed weight plus a constant per tensor. Loading never uses
+pickle: safetensors and JSON only, validated before anything touches a model.
+
+apply_ writes ``w[i] = (w[i].to(values.dtype) + values).to(w.dtype)`` — the expression training
+used — so it reproduces the trained weights bit for bit. remove_ subtracts the values again,
+which restores the base within one rounding step of the values' dtype (exactly whenever the
+subtraction is exact, which fp32 arithmetic does not promise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .files import atomic_write, atomic_write_text
+
+TENSORS_FILE = "delta.safetensors"
+CONFIG_FILE = "delta_config.json"
+FORMAT = "unmask.SparseDelta"
+FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 16 * 2**20
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class DeltaError(ValueError):
+    """A delta file is malformed, or a delta does not fit the model it is applied to."""
+
+
+@dataclass
+class SparseDelta:
+    """Changed weights of a model, relative to the base model they were trained from.
+
+    sparse: name -> (indices, values); indices 1-D int32/int64 ascending unique flat positions,
+        values 1-D float of the same length: trained - pretrained.
+    replace: name -> the whole trained tensor (dense parameters: a new head, or `full`).
+    shapes, dtypes: of the model parameters the delta touches (dtype as "float32", ...).
+    base_hashes: name -> sha256 of the base tensor (sparse entries only); apply_ refuses a model
+        whose tensor differs.
+    metadata: how the delta was trained (method, budget, score_eps, score_exp, total_steps, ...).
+    """
+
+    sparse: dict[str, tuple[Tensor, Tensor]]
+    replace: dict[str, Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    base_hashes: dict[str, str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, (indices, values) in self.sparse.items():
+            _check_sparse_entry(name, indices, values, self.shapes.get(name))
+        for name, values in self.replace.items():
+            if name in self.sparse:
+                raise DeltaError(f"tensor {name} is both sparse and replaced")
+            if tuple(values.shape) != tuple(self.shapes.get(name, ())):
+                raise DeltaError(
+                    f"replaced tensor {name} has shape {tuple(values.shape)}, "
+                    f"expected {self.shapes.get(name)}"
+                )
+        missing = set(self.sparse) - set(self.base_hashes)
+        if missing:
+            raise DeltaError(f"no base fingerprint for {sorted(missing)[:3]}")
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_training(
+        cls,
+        model: nn.Module,
+        sparse: dict[str, tuple[Tensor, Tensor]],
+        base_values: dict[str, Tensor],
+        replace: dict[str, Tensor],
+        metadata: dict[str, Any],
+    ) -> SparseDelta:
+        """Build a delta from a trained model and the pretrained values at the changed indices."""
+        params = dict(model.named_parameters())
+        names = [*sparse, *replace]
+        hashes = {}
+        for name, (indices, _) in sparse.items():
+            base = params[name].detach().to("cpu", copy=True).reshape(-1)
+            base[indices.long()] = base_values[name].to(base.dtype)
+            hashes[name] = tensor_hash(base.view(params[name].shape))
+        return cls(
+            sparse=sparse,
+            replace=replace,
+            shapes={n: tuple(params[n].shape) for n in names},
+            dtypes={n: _dtype_name(params[n].dtype) for n in names},
+            base_hashes=hashes,
+            metadata=metadata,
+        )
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def num_weights(self) -> int:
+        """Number of weights the delta changes."""
+        return sum(i.numel() for i, _ in self.sparse.values()) + sum(
+            v.numel() for v in self.replace.values()
+        )
+
+    def allocation(self) -> dict[str, int]:
+        """Changed weights per parameter name."""
+        counts = {n: int(i.numel()) for n, (i, _) in self.sparse.items()}
+        counts.update({n: v.numel() for n, v in self.replace.items()})
+        return counts
+
+    def __add__(self, other: SparseDelta) -> SparseDelta:
+        """Sum of two deltas of the same base model (values add where indices overlap)."""
+        if not isinstance(other, SparseDelta):
+            return NotImplemented
+        for name in set(self.shapes) & set(other.shapes):
+            if self.shapes[name] != other.shapes[name] or self.dtypes[name] != other.dtypes[name]:
+                raise DeltaError(f"cannot add deltas: tensor {name} differs in shape or dtype")
+        for name in set(self.base_hashes) & set(other.base_hashes):
+            if self.base_hashes[name] != other.base_hashes[name]:
+                raise DeltaError(
+                    f"cannot add deltas made for different base models (tensor {name})"
+                )
+        clash = (set(self.replace) & set(other.shapes)) | (set(other.replace) & set(self.shapes))
+        if clash:
+            raise DeltaError(
+                f"cannot add deltas that both change replaced tensor(s) {sorted(clash)}"
+            )
+        sparse = dict(self.sparse)
+        for name, (idx_b, val_b) in other.sparse.items():
+            if name not in sparse:
+                sparse[name] = (idx_b, val_b)
+                continue
+            idx_a, val_a = sparse[name]
+            dtype = torch.promote_types(val_a.dtype, val_b.dtype)
+            merged, inverse = torch.unique(
+                torch.cat([idx_a.long(), idx_b.long()]), return_inverse=True
+            )
+            values = torch.zeros(merged.numel(), dtype=dtype)
+            values.index_add_(0, inverse, torch.cat([val_a.to(dtype), val_b.to(dtype)]))
+            sparse[name] = (merged.to(idx_a.dtype), values)
+        return SparseDelta(
+            sparse=sparse,
+            replace={**self.replace, **other.replace},
+            shapes={**self.shapes, **other.shapes},
+            dtypes={**self.dtypes, **other.dtypes},
+            base_hashes={**self.base_hashes, **other.base_hashes},
+            metadata={"combined": [self.metadata, other.metadata]},
+        )
+
+    # ------------------------------------------------------------------ applying
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Add the delta to `model` in place and return it.
+
+        Checks first that every tensor exists with the recorded shape and dtype and that each
+        changed tensor is bit-identical to the base the delta was trained from; on any mismatch
+        raises DeltaError and leaves the model untouched.
+        """
+        params = self._check_model(model)
+        for name, tensor in params.items():
+            if name in self.base_hashes and tensor_hash(tensor) != self.base_hashes[name]:
+                raise DeltaError(
+                    f"tensor {name} of this model differs from the base model the delta was "
+                    f"trained on (base model: {self.metadata.get('base_model')!r}); apply it to "
+                    "that model, or to the model before any other delta was applied"
+                )
+        self._write(params, sign=1)
+        return model
+
+    @torch.no_grad()
+    def remove_(self, model: nn.Module) -> nn.Module:
+        """Subtract the delta from `model` in place (undo `apply_`) and return it.
+
+        The result equals the base within one rounding step of the values' dtype. Deltas that
+        replace whole tensors cannot be removed (the base values are not stored).
+        """
+        if self.replace:
+            raise DeltaError(
+                f"this delta replaces whole tensors ({sorted(self.replace)[:3]}), whose base "
+                "values it does not store; reload the base model instead of removing it"
+            )
+        self._write(self._check_model(model), sign=-1)
+        return model
+
+    def _check_model(self, model: nn.Module) -> dict[str, Tensor]:
+        available = dict(model.named_parameters())
+        params = {}
+        for name, shape in self.shapes.items():
+            if name not in available:
+                raise DeltaError(
+                    f"the model has no parameter {name}; the delta was made for "
+                    f"{self.metadata.get('base_model')!r}"
+                )
+            p = available[name]
+            if tuple(p.shape) != tuple(shape):
+                raise DeltaError(
+                    f"parameter {name} has shape {tuple(p.shape)}, the delta "
+                    f"expects {tuple(shape)}; it was made for another model"
+                )
+            if _dtype_name(p.dtype) != self.dtypes[name]:
+                raise DeltaError(
+                    f"parameter {name} is {_dtype_name(p.dtype)}, the delta was trained in "
+                    f"{self.dtypes[name]}; load the model with torch_dtype={self.dtypes[name]}"
+                )
+            params[name] = p
+        return params
+
+    def _write(self, params: dict[str, Tensor], sign: int) -> None:
+        for name, (indices, values) in self.sparse.items():
+            p = params[name]
+            flat = p.detach().view(-1)
+            index = indices.to(device=p.device, dtype=torch.long)
+            current = flat.index_select(0, index).to(values.dtype)
+            change = values.to(p.device)
+            updated = current + change if sign > 0 else current - change
+            flat.index_copy_(0, index, updated.to(p.dtype))
+        for name, values in self.replace.items():
+            params[name].detach().copy_(values)
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write delta.safetensors and delta_config.json into `directory` (created if missing).
+
+        Each file is written to a temporary file and renamed into place; the config, renamed
+        last, records the tensors file's sha256, so a save interrupted between the two renames
+        is detected on load instead of pairing mismatched files.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        entries = []
+        for name, (indices, values) in self.sparse.items():
+            tensors[f"{name}:indices"] = indices.contiguous().cpu()
+            tensors[f"{name}:values"] = values.contiguous().cpu()
+            entries.append(self._entry(name, "sparse", indices.numel()))
+        for name, values in self.replace.items():
+            tensors[f"{name}:replace"] = values.contiguous().cpu()
+            entries.append(self._entry(name, "replace", values.numel()))
+        digest = {}
+
+        def write_tensors(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+            digest["sha256"] = _file_sha256(tmp)
+
+        atomic_write(directory / TENSORS_FILE, write_tensors)
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tensors_sha256": digest["sha256"],
+            "num_weights": self.num_weights,
+            "tensors": entries,
+            "metadata": self.metadata,
+        }
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True))
+
+    def _entry(self, name: str, kind: str, count: int) -> dict[str, Any]:
+        return {
+            "name": name,
+            "kind": kind,
+            "count": count,
+            "shape": list(self.shapes[name]),
+            "dtype": self.dtypes[name],
+            "base_sha256": self.base_hashes.get(name),
+        }
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> SparseDelta:
+        """Load and validate a delta folder written by `save_pretrained`; raises DeltaError."""
+        directory = Path(directory)
+        config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
+        for path in (config_path, tensors_path):
+            if not path.is_file():
+                raise DeltaError(
+                    f"{path} not found: a delta folder holds {CONFIG_FILE} and "
+                    f"{TENSORS_FILE} (written by SparseDelta.save_pretrained)"
+                )
+        if config_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise DeltaError(f"{config_path} is larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DeltaError(f"{config_path} is not valid JSON: {err}") from err
+        entries = _check_config(config, config_path)
+        if _file_sha256(tensors_path) != config["tensors_sha256"]:
+            raise DeltaError(
+                f"{tensors_path} does not match its config (sha256 differs): the "
+                "files are corrupted or from different saves"
+            )
+        try:
+            tensors = load_file(str(tensors_path))
+        except Exception as err:  # safetensors raises several types for malformed files
+            raise DeltaError(f"{tensors_path} is not a readable safetensors file: {err}") from err
+        expected = set()
+        sparse, replace, shapes, dtypes, hashes = {}, {}, {}, {}, {}
+        for entry in entries:
+            name, kind = entry["name"], entry["kind"]
+            shapes[name], dtypes[name] = tuple(entry["shape"]), entry["dtype"]
+            keys = (
+                [f"{name}:indices", f"{name}:values"] if kind == "sparse" else [f"{name}:replace"]
+            )
+            for key in keys:
+                if key not in tensors:
+                    raise DeltaError(f"{tensors_path} lacks tensor {key}")
+            expected.update(keys)
+            if kind == "sparse":
+                sparse[name] = (tensors[keys[0]], tensors[keys[1]])
+                hashes[name] = entry["base_sha256"]
+                if sparse[name][0].numel() != entry["count"]:
+                    raise DeltaError(
+                        f"tensor {name}: config says {entry['count']} weights, "
+                        f"file has {sparse[name][0].numel()}"
+                    )
+            else:
+                replace[name] = tensors[keys[0]]
+                if replace[name].dtype not in _VALUE_DTYPES:
+                    raise DeltaError(f"replaced tensor {name} has dtype {replace[name].dtype}")
+        extra = set(tensors) - expected
+        if extra:
+            raise DeltaError(
+                f"{tensors_path} holds tensors its config does not list: {sorted(extra)[:3]}"
+            )
+        return cls(
+            sparse=sparse,
+            replace=replace,
+            shapes=shapes,
+            dtypes=dtypes,
+            base_hashes=hashes,
+            metadata=config["metadata"],
+        )
+
+
+def tensor_hash(tensor: Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (hex, first 32 characters)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    h = hashlib.sha256(f"{_dtype_name(tensor.dtype)}{tuple(tensor.shape)}".encode())
+    h.update(data.view(torch.uint8).numpy().data)
+    return h.hexdigest()[:32]
+
+
+def _check_sparse_entry(name: str, indices: Tensor, values: Tensor, shape: Any) -> None:
+    if shape is None:
+        raise DeltaError(f"no shape recorded for tensor {name}")
+    numel = math.prod(shape)
+    if indices.dtype not in _INDEX_DTYPES or indices.dim() != 1:
+        raise DeltaError(
+            f"tensor {name}: indices must be 1-D int32/int64, got "
+            f"{indices.dtype} with shape {tuple(indices.shape)}"
+        )
+    if values.dtype not in _VALUE_DTYPES or values.dim() != 1:
+        raise DeltaError(
+            f"tensor {name}: values must be 1-D floating point, got "
+            f"{values.dtype} with shape {tuple(values.shape)}"
+        )
+    if indices.numel() != values.numel():
+        raise DeltaError(f"tensor {name}: {indices.numel()} indices but {values.numel()} values")
+    if indices.numel():
+        if int(indices.min()) < 0 or int(indices.max()) >= numel:
+            raise DeltaError(f"tensor {name}: indices out of range [0, {numel})")
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise DeltaError(f"tensor {name}: indices are not strictly ascending")
+    if not bool(torch.isfinite(values).all()):
+        raise DeltaError(f"tensor {name}: values contain NaN or infinity")
+
+
+def _check_config(config: Any, path: Path) -> list[dict[str, Any]]:
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise DeltaError(f"{path} is not an unmask delta config (format != {FORMAT!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise DeltaError(
+            f"{path} has format_version {config.get('format_version')!r}; this "
+            f"unmask reads version {FORMAT_VERSION}"
+        )
+    if not isinstance(config.get("tensors_sha256"), str) or not isinstance(
+        config.get("metadata"), dict
+    ):
+        raise DeltaError(f"{path} lacks tensors_sha256 or metadata")
+    entries = config.get("tensors")
+    if not isinstance(entries, list):
+        raise DeltaError(f"{path}: 'tensors' must be a list")
+    seen = set()
+    for entry in entries:
+        ok = (
+            isinstance(entry, Mapping)
+            and isinstance(entry.get("name"), str)
+            and entry.get("kind") in ("sparse", "replace")
+            and isinstance(entry.get("count"), int)
+            and entry["count"] >= 0
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and entry.get("dtype") in {_dtype_name(d) for d in _VALUE_DTYPES}
+            and (entry["kind"] == "replace" or isinstance(entry.get("base_sha256"), str))
+        )
+        if not ok:
+            raise DeltaError(f"{path}: malformed tensor entry {str(entry)[:200]}")
+        if entry["name"] in seen:
+            raise DeltaError(f"{path}: tensor {entry['name']} listed twice")
+        seen.add(entry["name"])
+    return entries
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

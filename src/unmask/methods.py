@@ -1,0 +1,187 @@
+"""Selection strategies. Each method says which weights compete and how they are ranked.
+
+Adding a method is one class here plus one line in METHODS; the optimizer and the tests pick
+it up from the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from . import scores
+
+Kind = Literal["increment", "repeat", "static", "all", "dense"]
+
+
+@dataclass
+class Method:
+    """Base strategy.
+
+    kind:
+      increment  a few new weights every step by the schedule; the mask only grows (ID3);
+      repeat     a fresh top-B every step; weights that leave stay at their current value;
+      static     B weights chosen once before training;
+      all        every candidate weight is selected (BitFit), stored as a sparse delta;
+      dense      every candidate trained densely by the wrapped optimizer (full fine-tuning).
+    needs_grad: the ranking reads the current gradient.
+    needs_calibration: the ranking needs `SelectiveOptimizer.calibrate` before the first step.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[Kind]
+    needs_grad: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
+    floor: ClassVar[float] = float("-inf")
+
+    def is_candidate(self, name: str, param: Tensor) -> bool:
+        return True
+
+    def no_candidate_hint(self) -> str:
+        return "check the include/exclude/dense patterns and that parameters require grad"
+
+    def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
+        """Ranking keys of parameter `name` (see scores.py); `signal` is its gradient or Fisher sum.
+
+        Must be deterministic: it may be called twice for one tensor in one selection.
+        """
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    def eligibility_floor(self) -> float:
+        return self.floor
+
+
+@dataclass
+class ID3(Method):
+    """Increment-S with the D3 score |g| / (|θ| + score_eps)^score_exp."""
+
+    name: ClassVar[str] = "id3"
+    kind: ClassVar[Kind] = "increment"
+    needs_grad: ClassVar[bool] = True
+    score_eps: float = 1e-3
+    score_exp: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.score_eps, int | float) and math.isfinite(self.score_eps)) or (
+            self.score_eps <= 0
+        ):
+            raise ValueError(f"score_eps must be a positive finite number, got {self.score_eps!r}")
+        if not (isinstance(self.score_exp, int | float) and math.isfinite(self.score_exp)):
+            raise ValueError(f"score_exp must be a finite number, got {self.score_exp!r}")
+
+    def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
+        assert signal is not None
+        return scores.d3(param, signal, out, self.score_eps, self.score_exp)
+
+    def eligibility_floor(self) -> float:
+        return scores.d3_floor(self.score_exp)
+
+
+@dataclass
+class ID3Repeat(ID3):
+    """Repeat-S ablation: the D3 top-B is chosen afresh every step (over-spends the budget)."""
+
+    name: ClassVar[str] = "id3-repeat"
+    kind: ClassVar[Kind] = "repeat"
+
+
+@dataclass
+class IncrementPaFi(Method):
+    """Increment-S ablation ranked by PaFi's heuristic: smallest |θ| first."""
+
+    name: ClassVar[str] = "increment-pafi"
+    kind: ClassVar[Kind] = "increment"
+
+    def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
+        return scores.small_magnitude(param, out)
+
+
+@dataclass
+class PaFi(Method):
+    """Static: the B pretrained weights of smallest magnitude."""
+
+    name: ClassVar[str] = "pafi"
+    kind: ClassVar[Kind] = "static"
+
+    def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
+        return scores.small_magnitude(param, out)
+
+
+@dataclass
+class RandomMask(Method):
+    """Static: a uniformly random set of B weights, reproducible from `seed`."""
+
+    name: ClassVar[str] = "random"
+    kind: ClassVar[Kind] = "static"
+    seed: int = 0
+
+    def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
+        # One generator per tensor name, so the same tensor always gets the same keys.
+        generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(name.encode()))
+        return scores.uniform_random(param, out, generator)
+
+
+@dataclass
+class Fish(Method):
+    """Static: top-B by the empirical Fisher Σ g² over calibration batches (FISH mask)."""
+
+    name: ClassVar[str] = "fish"
+    kind: ClassVar[Kind] = "static"
+    needs_calibration: ClassVar[bool] = True
+
+    def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
+        assert signal is not None
+        return out[: param.numel()].copy_(signal.reshape(-1))
+
+
+@dataclass
+class BitFit(Method):
+    """Every bias term (parameters named `*bias`), not LayerNorm gains or other 1-D tensors."""
+
+    name: ClassVar[str] = "bitfit"
+    kind: ClassVar[Kind] = "all"
+
+    def is_candidate(self, name: str, param: Tensor) -> bool:
+        return name.rsplit(".", 1)[-1] == "bias"
+
+    def no_candidate_hint(self) -> str:
+        return (
+            "bitfit trains bias terms (parameters named '*.bias') and this model has none among "
+            "its candidates; choose another method, e.g. method='id3'"
+        )
+
+
+@dataclass
+class Full(Method):
+    """Full fine-tuning of every candidate weight with the wrapped optimizer."""
+
+    name: ClassVar[str] = "full"
+    kind: ClassVar[Kind] = "dense"
+
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (ID3, ID3Repeat, IncrementPaFi, PaFi, RandomMask, Fish, BitFit, Full)
+}
+
+
+def make_method(method: str | Method, **options: object) -> Method:
+    """Build a method from its name, passing each option only to methods that declare it.
+
+    Options a method does not use are ignored, so one call site can serve every method.
+    """
+    if isinstance(method, Method):
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in names})

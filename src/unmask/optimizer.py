@@ -1,0 +1,605 @@
+"""SelectiveOptimizer: only selected individual weights ever change; state scales with budget B.
+
+Data layout. The selected weights live in flat buffers of B *slots*, filled in the order the
+weights are unmasked (a slot never changes owner, except for the `repeat` ablation, which grows
+its buffers instead):
+
+    index[s]   global index of the weight in slot s (tensor offset + flat index)
+    base[s]    its pretrained value (float32, or float64 for float64 models)
+    delta[s]   its change from the pretrained value; the wrapped torch optimizer's only parameter
+
+Each step gathers the selected weights' gradients into delta.grad (zero in unused slots, whose
+moments therefore stay zero and whose update is exactly zero), steps the wrapped optimizer on
+`delta`, and writes ``param.view(-1)[i] = (base + delta).to(param.dtype)`` back. Saved deltas are
+applied with the same expression, so applying a delta reproduces the trained weights bit for bit.
+No other weight is ever written: unselected weights stay bit-identical to the pretrained ones.
+
+Weight decay acts on `delta`, i.e. it pulls a selected weight towards its *pretrained* value,
+never towards zero, and it never touches an unselected weight.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .budget import Budget, resolve_budget
+from .candidates import Patterns, find_candidates
+from .delta import SparseDelta
+from .methods import Method, make_method
+from .schedules import Schedule, check_total_steps, get_schedule
+from .selection import KeySource, select_top
+from .slot_adamw import SlotAdamW
+
+STATE_VERSION = 1
+_NEG_INF = float("-inf")
+
+
+class SelectiveOptimizer(torch.optim.Optimizer):
+    """Wrap a torch optimizer so that it trains at most `budget` individual weights of `model`.
+
+    Args:
+        model: the model being fine-tuned. Its trainable parameters are the candidates.
+        method: a name from `unmask.METHODS` ("id3", "id3-repeat", "increment-pafi", "pafi",
+            "random", "fish", "bitfit", "full") or a `Method` instance.
+        budget: weights that may change, as a count (5000, "100K") or a fraction of the
+            candidates (0.001, "0.1%"); see `resolve_budget`. Not used by "bitfit" and "full"
+            (leave it None): they train every bias / every weight.
+        total_steps: T, the number of optimizer steps over which ID3 spends the budget.
+            Required for "id3", "id3-repeat" and "increment-pafi".
+        optimizer: the torch optimizer class to wrap. Any optimizer whose update is elementwise
+            and whose per-weight state has the parameter's shape works (AdamW, Adam, SGD with
+            momentum, RMSprop, Adagrad, ...).
+        include, exclude: regexes searched in parameter names that choose the candidates.
+        dense: regexes of parameters trained whole (e.g. a new classification head). They are
+            saved whole in the delta and, if `dense_in_budget`, their size counts against B.
+        schedule: "uniform" (default), "linear-decay", or a `Schedule`.
+        adam_step: for Adam/AdamW, "per-weight" (each weight's bias correction uses the number
+            of updates it has received) or "global" (torch's own optimizer: one step count for
+            all, so a weight unmasked late takes larger first steps). Ignored otherwise.
+        score_eps, score_exp: ε and exp of the D3 score |g| / (|θ| + ε)^exp.
+        seed: seed of the "random" method.
+        **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
+
+    Weights whose score is zero or not finite are never selected; the schedule's quota they
+    leave unused carries over to the next step (so |Λ| may lag the schedule, never exceed it).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | Method = "id3",
+        budget: Budget | None = None,
+        total_steps: int | None = None,
+        optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        *,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        dense: Patterns = None,
+        dense_in_budget: bool = True,
+        schedule: str | Schedule = "uniform",
+        adam_step: str = "per-weight",
+        score_eps: float = 1e-3,
+        score_exp: float = 1.0,
+        seed: int = 0,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self.model = model
+        self.method = make_method(method, score_eps=score_eps, score_exp=score_exp, seed=seed)
+        self.schedule = get_schedule(schedule)
+        if adam_step not in ("per-weight", "global"):
+            raise ValueError(f"adam_step must be 'per-weight' or 'global', got {adam_step!r}")
+        kind = self.method.kind
+        if kind in ("increment", "repeat") and total_steps is None:
+            raise ValueError(
+                f"method {self.method.name!r} spreads the budget over the training run: pass "
+                "total_steps=T (the number of optimizer steps)"
+            )
+        self.total_steps = None if total_steps is None else check_total_steps(total_steps)
+        cands = find_candidates(model, self.method, include, exclude, dense)
+        self._names = [n for n, _ in cands.sparse]
+        self._params = [p for _, p in cands.sparse]
+        self._dense_names = [n for n, _ in cands.dense]
+        self._dense_params = [p for _, p in cands.dense]
+        self.budget = self._sparse_budget(
+            budget, cands.sparse_numel, cands.dense_numel, dense_in_budget
+        )
+        self.dense_in_budget = dense_in_budget
+
+        device = self._params[0].device if self._params else torch.device("cpu")
+        self._master = (
+            torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
+        )
+        numels = [p.numel() for p in self._params]
+        self._offsets_list = [sum(numels[:i]) for i in range(len(numels))]
+        self._offsets = torch.tensor(self._offsets_list, dtype=torch.long, device=device)
+        self._max_numel = max(numels, default=0)
+
+        self._capacity = self.budget
+        self._n = 0
+        self._delta = torch.zeros(self._capacity, dtype=self._master, device=device)
+        self._delta.grad = torch.zeros_like(self._delta)
+        self._base = torch.zeros_like(self._delta)
+        self._index = torch.zeros(self._capacity, dtype=torch.long, device=device)
+        self._active = (
+            torch.zeros(self._capacity, dtype=torch.bool, device=device)
+            if kind == "repeat"
+            else None
+        )
+        self._layout: list[tuple[int, Tensor, Tensor]] = []
+        self._touched: list[tuple[int, Tensor, Tensor]] = []
+        self._sorted_index = torch.zeros(0, dtype=torch.long, device=device)
+        self._sorted_slots = torch.zeros(0, dtype=torch.long, device=device)
+
+        self._sparse = (
+            _make_inner(optimizer, [self._delta], optimizer_kwargs, adam_step)
+            if self._params
+            else None
+        )
+        self._dense = (
+            optimizer(self._dense_params, **optimizer_kwargs) if self._dense_params else None
+        )
+        super().__init__([self._delta] + self._dense_params, {})
+        self._link_param_groups()
+
+        self.steps_done = 0
+        self.num_updates = 0
+        self.calibrated = not self.method.needs_calibration
+        if kind == "static" and self.calibrated:
+            self._assign(
+                select_top(
+                    self._sources(None, exclude=False), self.budget, self.method.eligibility_floor()
+                )
+            )
+        elif kind == "all":
+            self._assign(torch.arange(self.budget, device=device))
+
+    # ------------------------------------------------------------------ budget and inner optimizers
+
+    def _sparse_budget(
+        self, budget: Budget | None, sparse_numel: int, dense_numel: int, dense_in_budget: bool
+    ) -> int:
+        kind, name = self.method.kind, self.method.name
+        pool = sparse_numel + (dense_numel if dense_in_budget else 0)
+        if kind in ("all", "dense"):
+            trained = sparse_numel if kind == "all" else 0
+            if budget is not None and resolve_budget(budget, max(pool, 1)) < pool:
+                raise ValueError(
+                    f"method {name!r} trains all {pool:,} of its weights, more than the budget "
+                    f"{budget!r}; pass budget=None, or use a method that selects (e.g. 'id3')"
+                )
+            return trained
+        if budget is None:
+            raise ValueError(f"method {name!r} needs a budget, e.g. budget='0.1%' or 100000")
+        total = resolve_budget(budget, pool)
+        sparse = total - dense_numel if dense_in_budget else total
+        if sparse < 1:
+            raise ValueError(
+                f"budget {budget!r} is {total:,} weights, but the dense parameters "
+                f"{self._dense_names} already use {dense_numel:,} of it; raise the budget or pass "
+                "dense_in_budget=False"
+            )
+        return sparse
+
+    def _link_param_groups(self) -> None:
+        # The inner optimizers own the hyperparameters; sharing their group dicts lets LR
+        # schedulers and Trainer adjust `lr` on this object as on any torch optimizer.
+        self.param_groups = (self._sparse.param_groups if self._sparse else []) + (
+            self._dense.param_groups if self._dense else []
+        )
+
+    # ------------------------------------------------------------------ the training step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Unmask this step's weights (ID3), then update every selected weight.
+
+        Newly selected weights are updated in the same step. Parameters whose `.grad` is None
+        are neither scored nor updated.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.calibrated:
+            raise RuntimeError(
+                f"method {self.method.name!r} chooses its mask from calibration batches: call "
+                "opt.calibrate(batches) before the first step"
+            )
+        kind = self.method.kind
+        if kind == "increment" and self._n < self.budget:
+            self._unmask(self.steps_done)
+        elif kind == "repeat":
+            self._reselect()
+        if self._layout:
+            self._gather_grads()
+            saved = self._delta.clone() if self._active is not None else None
+            self._sparse.step()
+            if saved is not None:
+                torch.where(self._active, self._delta, saved, out=self._delta)
+            self._write_back(self._layout)
+        if self._dense is not None:
+            self._dense.step()
+        self.num_updates += self.num_selected + (
+            sum(p.numel() for p in self._dense_params) if self.method.kind != "dense" else 0
+        )
+        self.steps_done += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every candidate and dense parameter of the model."""
+        for p in self._params + self._dense_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+    def _unmask(self, step: int) -> None:
+        target = min(self.schedule.cumulative(step, self.budget, self.total_steps), self.budget)
+        k = target - self._n
+        if k <= 0:
+            return
+        signals = [p.grad for p in self._params] if self.method.needs_grad else None
+        chosen = select_top(
+            self._sources(signals, exclude=True), k, self.method.eligibility_floor()
+        )
+        self._assign(chosen)
+
+    def _reselect(self) -> None:
+        chosen = select_top(
+            self._sources([p.grad for p in self._params], exclude=False),
+            self.budget,
+            self.method.eligibility_floor(),
+        )
+        n = self._n
+        if n:
+            pos = torch.searchsorted(self._sorted_index, chosen).clamp_(max=n - 1)
+            found = self._sorted_index[pos] == chosen
+        else:
+            pos = found = torch.zeros(chosen.numel(), dtype=torch.bool, device=chosen.device)
+        kept = self._sorted_slots[pos[found]] if n else torch.zeros(0, dtype=torch.long)
+        self._assign(chosen[~found])
+        previously_active = self._active.clone()
+        self._active.zero_()
+        self._active[kept] = True
+        self._active[n : self._n] = True
+        # A weight that comes back after a pause starts with fresh optimizer state.
+        self._reset_state(kept[~previously_active[kept]])
+        self._rebuild_layout()
+
+    def _sources(self, signals: list[Tensor | None] | None, exclude: bool) -> list[KeySource]:
+        scratch = torch.empty(self._max_numel, dtype=torch.float32, device=self._offsets.device)
+        excluded = {i: local for i, _, local in self._touched} if exclude else {}
+        sources = []
+        for i, (name, p) in enumerate(zip(self._names, self._params, strict=True)):
+            signal = signals[i] if signals is not None else None
+            if signals is not None and signal is None:
+                continue
+
+            skip = excluded.get(i)
+
+            def fill(name=name, p=p, signal=signal, skip=skip) -> Tensor:
+                keys = self.method.keys(name, p, signal, scratch)
+                if skip is not None:
+                    keys.index_fill_(0, skip, _NEG_INF)
+                return keys
+
+            sources.append(KeySource(self._offsets_list[i], fill))
+        return sources
+
+    # ------------------------------------------------------------------ slots
+
+    def _assign(self, chosen: Tensor) -> None:
+        """Give each global index in `chosen` (ascending) a fresh slot with zero delta and state."""
+        m = chosen.numel()
+        if m == 0:
+            return
+        n = self._n
+        if n + m > self._capacity:
+            self._resize(max(2 * self._capacity, n + m))
+        self._index[n : n + m] = chosen
+        tensor_of = torch.searchsorted(self._offsets, chosen, right=True) - 1
+        counts = torch.bincount(tensor_of, minlength=len(self._params)).tolist()
+        start = n
+        for i, c in enumerate(counts):
+            if c:
+                local = chosen[start - n : start - n + c] - self._offsets_list[i]
+                flat = self._params[i].detach().view(-1)
+                self._base[start : start + c] = flat.index_select(0, local).to(self._master)
+                start += c
+        self._delta[n : n + m] = 0
+        self._reset_state(torch.arange(n, n + m, device=chosen.device))
+        self._n = n + m
+        self._rebuild_layout()
+
+    def _reset_state(self, slots: Tensor) -> None:
+        if self._sparse is None or slots.numel() == 0:
+            return
+        for value in self._sparse.state.get(self._delta, {}).values():
+            if torch.is_tensor(value) and value.shape == self._delta.shape:
+                value[slots] = 0
+
+    def _resize(self, capacity: int) -> None:
+        """Grow the slot buffers (repeat ablation), keeping the wrapped optimizer's state."""
+        old = self._delta
+        grown = torch.zeros(capacity, dtype=old.dtype, device=old.device)
+        grown[: old.numel()] = old
+        grown.grad = torch.zeros_like(grown)
+        self._sparse.param_groups[0]["params"][0] = grown
+        state = self._sparse.state.pop(old, {})
+        self._sparse.state[grown] = {k: _pad(v, old.shape, capacity) for k, v in state.items()}
+        self._delta = grown
+        self._base = _pad(self._base, old.shape, capacity)
+        self._index = _pad(self._index, old.shape, capacity)
+        if self._active is not None:
+            self._active = _pad(self._active, old.shape, capacity)
+        self._capacity = capacity
+
+    def _rebuild_layout(self) -> None:
+        """Per tensor: its slots and their flat indices, in ascending index order."""
+        slots = torch.arange(self._n, device=self._index.device)
+        order = torch.argsort(self._index[: self._n])
+        self._sorted_index = self._index[: self._n][order]
+        self._sorted_slots = slots[order]
+        self._touched = self._group(self._sorted_slots, self._sorted_index)
+        if self._active is None:
+            self._layout = self._touched
+        else:
+            keep = self._active[self._sorted_slots]
+            self._layout = self._group(self._sorted_slots[keep], self._sorted_index[keep])
+
+    def _group(self, slots: Tensor, index: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+        tensor_of = torch.searchsorted(self._offsets, index, right=True) - 1
+        counts = torch.bincount(tensor_of, minlength=len(self._params)).tolist()
+        groups, start = [], 0
+        for i, c in enumerate(counts):
+            if c:
+                local = index[start : start + c] - self._offsets_list[i]
+                groups.append((i, slots[start : start + c], local))
+                start += c
+        return groups
+
+    def _gather_grads(self) -> None:
+        flat_grad = self._delta.grad
+        flat_grad.zero_()
+        for i, slots, local in self._layout:
+            grad = self._params[i].grad
+            if grad is not None:
+                picked = grad.detach().reshape(-1).index_select(0, local)
+                flat_grad.index_copy_(0, slots, picked.to(flat_grad.dtype))
+
+    def _write_back(self, layout: list[tuple[int, Tensor, Tensor]]) -> None:
+        values = self._base + self._delta
+        for i, slots, local in layout:
+            p = self._params[i]
+            p.detach().view(-1).index_copy_(0, local, values.index_select(0, slots).to(p.dtype))
+
+    # ------------------------------------------------------------------ calibration (FISH)
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        num_batches: int | None = None,
+    ) -> None:
+        """Choose the mask of a calibration method ("fish") from Σ g² over `batches`.
+
+        `loss_fn(model, batch)` returns the loss; by default ``model(**batch).loss``. Uses at
+        most `num_batches` batches. Holds one float32 accumulator per candidate while it runs.
+        Leaves the model's gradients cleared and its weights unchanged.
+        """
+        if not self.method.needs_calibration:
+            raise RuntimeError(f"method {self.method.name!r} does not use calibration batches")
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        used = 0
+        for batch in batches:
+            if num_batches is not None and used >= num_batches:
+                break
+            self.zero_grad()
+            with torch.enable_grad():
+                loss = loss_fn(self.model, batch) if loss_fn else self.model(**batch).loss
+                loss.backward()
+            for acc, p in zip(fisher, self._params, strict=True):
+                if p.grad is not None:
+                    acc.addcmul_(p.grad, p.grad)
+            used += 1
+        self.zero_grad()
+        if used == 0:
+            raise ValueError("calibrate() got no batches; pass at least one batch")
+        self._assign(
+            select_top(
+                self._sources(fisher, exclude=False), self.budget, self.method.eligibility_floor()
+            )
+        )
+        self.calibrated = True
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def num_selected(self) -> int:
+        """Weights currently selected for training (all weights, for `full`)."""
+        if self.method.kind == "dense":
+            return sum(p.numel() for p in self._dense_params)
+        if self._active is not None:
+            return int(self._active.sum())
+        return self._n
+
+    @property
+    def num_changed(self) -> int:
+        """Weights whose value may differ from the pretrained model (what the delta stores)."""
+        return self._n + sum(p.numel() for p in self._dense_params)
+
+    def selected(self) -> dict[str, Tensor]:
+        """Per candidate tensor, the ascending flat indices of its selected weights (int64)."""
+        return {self._names[i]: local.clone() for i, _, local in self._layout}
+
+    def allocation(self) -> dict[str, int]:
+        """Per parameter name, how many of its weights may have changed (dense ones: all)."""
+        counts = {self._names[i]: int(local.numel()) for i, _, local in self._touched}
+        counts.update(
+            {n: p.numel() for n, p in zip(self._dense_names, self._dense_params, strict=True)}
+        )
+        return counts
+
+    def state_bytes(self) -> int:
+        """Bytes of every persistent buffer this optimizer holds (slots and optimizer state)."""
+        buffers = [self._delta, self._delta.grad, self._base, self._index]
+        if self._active is not None:
+            buffers.append(self._active)
+        for inner in (self._sparse, self._dense):
+            if inner is not None:
+                buffers += [
+                    v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)
+                ]
+        return sum(b.numel() * b.element_size() for b in buffers)
+
+    # ------------------------------------------------------------------ results and checkpoints
+
+    def delta(self) -> SparseDelta:
+        """The trained change: the selected weights' deltas plus the dense tensors."""
+        sparse, base_values = {}, {}
+        for i, slots, local in self._touched:
+            index_dtype = torch.int32 if self._params[i].numel() < 2**31 else torch.long
+            sparse[self._names[i]] = (local.to(index_dtype).cpu(), self._delta[slots].cpu())
+            base_values[self._names[i]] = self._base[slots].cpu()
+        replace = {
+            n: p.detach().cpu().clone()
+            for n, p in zip(self._dense_names, self._dense_params, strict=True)
+        }
+        metadata = {
+            **self.method.config(),
+            "budget": self.budget,
+            "dense_in_budget": self.dense_in_budget,
+            "total_steps": self.total_steps,
+            "steps_done": self.steps_done,
+            "schedule": self.schedule.name,
+            "base_model": _base_model_name(self.model),
+        }
+        return SparseDelta.from_training(self.model, sparse, base_values, replace, metadata)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: slots, wrapped optimizer state, counters, configuration."""
+        n = self._n
+        return {
+            "unmask": {
+                "version": STATE_VERSION,
+                "method": self.method.config(),
+                "budget": self.budget,
+                "total_steps": self.total_steps,
+                "schedule": self.schedule.name,
+                "candidates": list(self._names),
+                "dense": list(self._dense_names),
+                "capacity": self._capacity,
+                "num_slots": n,
+                "steps_done": self.steps_done,
+                "num_updates": self.num_updates,
+                "calibrated": self.calibrated,
+            },
+            "index": self._index[:n].clone(),
+            "base": self._base[:n].clone(),
+            "delta": self._delta[:n].clone(),
+            "active": None if self._active is None else self._active[:n].clone(),
+            "sparse_optimizer": self._sparse.state_dict() if self._sparse else None,
+            "dense_optimizer": self._dense.state_dict() if self._dense else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a `state_dict()` and write the selected weights' trained values into the model.
+
+        Dense parameters are not written: load them with the model checkpoint.
+        """
+        meta = state_dict.get("unmask") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
+            raise ValueError(
+                "not a SelectiveOptimizer state_dict (missing 'unmask' section or unknown version)"
+            )
+        mine = {
+            "method": self.method.config(),
+            "budget": self.budget,
+            "total_steps": self.total_steps,
+            "schedule": self.schedule.name,
+            "candidates": self._names,
+            "dense": self._dense_names,
+        }
+        for key, value in mine.items():
+            if meta[key] != value:
+                raise ValueError(
+                    f"checkpoint was made with {key}={_short(meta[key])}, this optimizer has "
+                    f"{key}={_short(value)}; build the optimizer with the same settings to resume"
+                )
+        if meta["capacity"] != self._capacity:
+            self._resize(meta["capacity"])
+        n = meta["num_slots"]
+        device = self._delta.device
+        self._index[:n] = state_dict["index"].to(device)
+        self._base[:n] = state_dict["base"].to(device)
+        self._delta[:n] = state_dict["delta"].to(device)
+        self._delta[n:] = 0
+        if self._active is not None:
+            self._active.zero_()
+            self._active[:n] = state_dict["active"].to(device)
+        self._n = n
+        if self._sparse is not None:
+            self._sparse.load_state_dict(state_dict["sparse_optimizer"])
+        if self._dense is not None:
+            self._dense.load_state_dict(state_dict["dense_optimizer"])
+        self._link_param_groups()
+        self.steps_done = meta["steps_done"]
+        self.num_updates = meta["num_updates"]
+        self.calibrated = meta["calibrated"]
+        self._rebuild_layout()
+        with torch.no_grad():
+            self._write_back(self._touched)
+
+
+def _make_inner(
+    cls: type[torch.optim.Optimizer], params: list[Tensor], kwargs: dict[str, Any], adam_step: str
+) -> torch.optim.Optimizer:
+    if adam_step == "global" or cls not in (torch.optim.Adam, torch.optim.AdamW):
+        return cls(params, **kwargs)
+    unsupported = {
+        k for k, v in kwargs.items() if k in ("amsgrad", "maximize", "differentiable") and v
+    }
+    if unsupported:
+        raise ValueError(
+            f"adam_step='per-weight' does not support {sorted(unsupported)}; "
+            "pass adam_step='global' to use torch's optimizer as is"
+        )
+    signature = inspect.signature(cls).parameters
+    options = {
+        k: kwargs.get(k, signature[k].default) for k in ("lr", "betas", "eps", "weight_decay")
+    }
+    unknown = set(kwargs) - set(signature)
+    if unknown:
+        raise TypeError(f"{cls.__name__} got unexpected arguments {sorted(unknown)}")
+    decoupled = cls is torch.optim.AdamW or bool(kwargs.get("decoupled_weight_decay", False))
+    return SlotAdamW(params, decoupled=decoupled, **options)
+
+
+def _pad(value: Any, old_shape: torch.Size, capacity: int) -> Any:
+    if not torch.is_tensor(value) or value.shape != old_shape:
+        return value
+    grown = torch.zeros(capacity, dtype=value.dtype, device=value.device)
+    grown[: value.numel()] = value
+    return grown
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    name = getattr(model, "name_or_path", None)
+    config = getattr(model, "config", None)
+    if not name and config is not None:
+        name = getattr(config, "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 120 else text[:117] + "..."

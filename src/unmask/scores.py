@@ -1,0 +1,49 @@
+"""Importance keys used to rank weights. Larger key = more important = chosen first.
+
+Each function writes one key per weight into `out` (1-D float32, at least param.numel() long)
+and returns the filled slice; it never allocates a tensor of the parameter's size unless noted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def d3(param: Tensor, grad: Tensor, out: Tensor, eps: float, exp: float) -> Tensor:
+    """D3 importance |g| / (|θ| + eps)^exp of every weight.
+
+    exp = 0 and exp = 1 are computed directly; a weight with a zero gradient gets key 0.
+    Any other exponent is ranked by the logarithm log|g| - exp * log(|θ| + eps), which orders
+    weights the same way without overflowing for large |exp|; a zero gradient gets key -inf.
+    `d3_floor(exp)` gives the key at or below which a weight is not eligible.
+    """
+    n = param.numel()
+    out = out[:n]
+    g = grad.detach().reshape(-1)
+    if exp == 0:
+        return torch.abs(g, out=out)
+    p = param.detach().reshape(-1)
+    if exp == 1:
+        torch.abs(p, out=out).add_(eps)
+        torch.div(g, out, out=out)
+        return out.abs_()
+    torch.abs(p, out=out).add_(eps).log_().mul_(-exp)
+    return out.add_(g.abs().log_())  # allocates |g| once per tensor: only for exp not in {0, 1}
+
+
+def d3_floor(exp: float) -> float:
+    """Keys must be strictly above this to be selected: excludes zero-gradient weights."""
+    return 0.0 if exp in (0, 1) else float("-inf")
+
+
+def small_magnitude(param: Tensor, out: Tensor) -> Tensor:
+    """-|θ|: the smallest-magnitude weights rank first (PaFi)."""
+    out = out[: param.numel()]
+    return torch.abs(param.detach().reshape(-1), out=out).neg_()
+
+
+def uniform_random(param: Tensor, out: Tensor, generator: torch.Generator) -> Tensor:
+    """i.i.d. uniform keys: the top-B of these is a uniformly random subset of size B."""
+    keys = torch.rand(param.numel(), generator=generator, dtype=out.dtype)
+    return out[: param.numel()].copy_(keys)
