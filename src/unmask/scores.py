@@ -22,14 +22,15 @@ def d3(param: Tensor, grad: Tensor, out: Tensor, eps: float, exp: float) -> Tens
     out = out[:n]
     g = grad.detach().reshape(-1)
     if exp == 0:
-        return torch.abs(g, out=out)
+        return _abs_into(g, out)
     p = param.detach().reshape(-1)
     if exp == 1:
-        torch.abs(p, out=out).add_(eps)
+        _abs_into(p, out).add_(eps)
         torch.div(g, out, out=out)
         return out.abs_()
-    torch.abs(p, out=out).add_(eps).log_().mul_(-exp)
-    return out.add_(g.abs().log_())  # allocates |g| once per tensor: only for exp not in {0, 1}
+    _abs_into(p, out).add_(eps).log_().mul_(-exp)
+    # Allocates |g| once per tensor: only for exponents other than 0 and 1.
+    return out.add_(g.abs().to(out.dtype).log_())
 
 
 def d3_floor(exp: float) -> float:
@@ -39,11 +40,16 @@ def d3_floor(exp: float) -> float:
 
 def small_magnitude(param: Tensor, out: Tensor) -> Tensor:
     """-|θ|: the smallest-magnitude weights rank first (PaFi)."""
-    out = out[: param.numel()]
-    return torch.abs(param.detach().reshape(-1), out=out).neg_()
+    return _abs_into(param.detach().reshape(-1), out[: param.numel()]).neg_()
 
 
 def uniform_random(param: Tensor, out: Tensor, generator: torch.Generator) -> Tensor:
     """i.i.d. uniform keys: the top-B of these is a uniformly random subset of size B."""
     keys = torch.rand(param.numel(), generator=generator, dtype=out.dtype)
     return out[: param.numel()].copy_(keys)
+
+
+def _abs_into(x: Tensor, out: Tensor) -> Tensor:
+    if x.dtype == out.dtype:
+        return torch.abs(x, out=out)
+    return out.copy_(x).abs_()  # low-precision weights: upcast, then take the magnitude

@@ -106,7 +106,9 @@ def _finite_or_neg_inf(keys: Tensor) -> Tensor:
 
 def _lexicographic_top(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k entries with the largest value, lowest index first among equals; and the k-th value."""
-    by_index = torch.argsort(indices)
-    values, indices = values[by_index], indices[by_index]
-    order = torch.sort(values, descending=True, stable=True).indices[:k]
-    return indices[order], values[order[-1]]
+    kth = values.topk(k, sorted=False).values.min()
+    above = values > kth
+    tied = (values == kth).nonzero().flatten()
+    needed = k - int(above.sum())
+    tied = tied[torch.argsort(indices[tied])[:needed]]
+    return torch.cat([indices[above], indices[tied]]), kth

@@ -1,0 +1,68 @@
+"""Tiny random models and batches shared by the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 100
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+MODELS = {"bert": tiny_bert, "llama": tiny_llama}
+
+
+def make_batches(kind: str, count: int, seed: int = 1, batch: int = 4, length: int = 12):
+    """Random token batches with labels suited to the model kind."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+        labels = torch.randint(0, 2, (batch,), generator=g) if kind == "bert" else ids.clone()
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy

@@ -1,0 +1,62 @@
+"""select_top: exact global top-k with lowest-index tie-breaking, against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unmask import selection
+from unmask.selection import KeySource, select_top
+
+
+def brute_force(tensors, k, floor):
+    keys = torch.cat([t.flatten() for t in tensors])
+    eligible = [i for i in range(keys.numel()) if torch.isfinite(keys[i]) and keys[i] > floor]
+    eligible.sort(key=lambda i: (-keys[i].item(), i))
+    return sorted(eligible[:k])
+
+
+def sources_of(tensors):
+    out, offset = [], 0
+    for t in tensors:
+        out.append(KeySource(offset, lambda t=t: t.clone()))
+        offset += t.numel()
+    return out
+
+
+special = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+key_values = st.one_of(st.integers(-3, 3).map(float), special)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    data=st.data(),
+    k=st.integers(0, 60),
+    floor=st.sampled_from([0.0, float("-inf")]),
+    row=st.sampled_from([4, 8, 65536]),
+)
+def test_select_top_matches_brute_force(sizes, data, k, floor, row):
+    tensors = [torch.tensor(data.draw(st.lists(key_values, min_size=n, max_size=n))) for n in sizes]
+    original = selection._ROW
+    selection._ROW = row  # small rows exercise the row-wise top-k path on small tensors
+    try:
+        got = select_top(sources_of(tensors), k, floor).tolist()
+    finally:
+        selection._ROW = original
+    assert got == brute_force(tensors, k, floor)
+
+
+def test_select_top_row_path_with_many_ties(monkeypatch):
+    monkeypatch.setattr(selection, "_ROW", 16)
+    torch.manual_seed(0)
+    tensors = [torch.randint(0, 3, (200,)).float(), torch.randint(0, 3, (37,)).float()]
+    for k in (1, 5, 50, 150, 300):
+        assert select_top(sources_of(tensors), k, 0.0).tolist() == brute_force(tensors, k, 0.0)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_select_top_nothing_to_choose(k):
+    assert select_top(sources_of([torch.ones(3)]), k, 0.0).numel() == 0
