@@ -23,8 +23,10 @@ Variants, always run in this order, each in its own fresh subprocess, one after 
 - ``selective-optimizers``: the ID3 optimizer of the authors' toolkit
   (PyPI ``selective-optimizers==0.4``), recorded as skipped if it does not import.
 
-The selective optimizers get ``total_steps`` (or ``max_steps``) equal to the number of steps
-run, so that weights are unmasked in every measured step, as in a real run.
+The selective optimizers are told a run length T (``--total-steps``, default 1000) and the
+script measures the first ``--steps`` steps of that run: each step unmasks B/T weights, as in
+a real fine-tuning run. ``--total-steps`` equal to ``--steps`` is the worst case for the
+selection (B/steps weights per step).
 
 How to run
 ----------
@@ -70,6 +72,8 @@ VARIANTS = ("adamw", "unmask-id3", "unmask-id3-global", "selective-optimizers")
 BASELINE = "adamw"
 TOOLKIT = "selective-optimizers"
 RESULT_MARKER = "OPTIMIZER_STEP_RESULT "
+# unmask's default score_eps; the toolkit's own default is 1e-8.
+TOOLKIT_SCORE_EPS = 1e-3
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +87,7 @@ class Config:
     """Everything that defines one benchmark run; identical for every variant."""
 
     steps: int
+    total_steps: int
     warmup: int
     batch: int
     seq_len: int
@@ -180,7 +185,7 @@ def build_optimizer(variant: str, model: Any, cfg: Config, budget_weights: int) 
             model,
             method="id3",
             budget=cfg.budget,
-            total_steps=cfg.steps,
+            total_steps=cfg.total_steps,
             optimizer=torch.optim.AdamW,
             lr=cfg.lr,
             adam_step=adam_step,
@@ -197,13 +202,16 @@ def build_optimizer(variant: str, model: Any, cfg: Config, budget_weights: int) 
 
         id3_class = get_selective_optimizer(torch.optim.AdamW, "id3")
         # verify=False: verification saves a full copy of the initial weights to /tmp at
-        # construction, which would charge the toolkit for a debugging aid. Its D3 metric
-        # keeps the package defaults (eps=1e-8, exp=1). It forces weight_decay to 0 itself.
+        # construction, which would charge the toolkit for a debugging aid. eps and exp set
+        # its D3 metric |g| / (eps + |w|)^exp to unmask's defaults, so that both select by
+        # the same score. It forces weight_decay to 0 itself.
         opt = id3_class(
             model.parameters(),
             lr=cfg.lr,
             budget=budget_weights,
-            max_steps=cfg.steps,
+            max_steps=cfg.total_steps,
+            eps=TOOLKIT_SCORE_EPS,
+            exp=1.0,
             verify=False,
         )
 
@@ -215,7 +223,7 @@ def build_optimizer(variant: str, model: Any, cfg: Config, budget_weights: int) 
             opt,
             toolkit_state_bytes,
             lambda: int(opt.get_budget_used()),
-            {"weight_decay": 0.0, "verify": False},
+            {"weight_decay": 0.0, "verify": False, "eps": TOOLKIT_SCORE_EPS, "exp": 1.0},
         )
 
     raise ValueError(f"unknown variant {variant!r}")
@@ -282,6 +290,7 @@ def run_variant(variant: str, cfg: Config) -> dict[str, Any]:
         "budget_weights": budget_weights,
         "num_weights": num_weights,
         "steps": cfg.steps,
+        "total_steps": cfg.total_steps,
         "warmup": cfg.warmup,
         "first_loss": losses[0],
         "last_loss": losses[-1],
@@ -403,8 +412,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"Model: BERT {cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, "
         f"intermediate {cfg['intermediate']}, vocab {cfg['vocab']}. Batch {cfg['batch']} x "
-        f"{cfg['seq_len']} tokens, {cfg['steps']} steps ({cfg['warmup']} warm-up excluded), "
-        f"budget {cfg['budget']}, {cfg['threads']} threads.",
+        f"{cfg['seq_len']} tokens, {cfg['steps']} steps ({cfg['warmup']} warm-up excluded) of a "
+        f"T = {cfg['total_steps']}-step run, budget {cfg['budget']}, {cfg['threads']} threads.",
         "",
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, "
         f"torch {machine['torch_version'] or 'n/a'}, commit {machine['git_commit'] or 'n/a'}.",
@@ -462,6 +471,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--steps", type=int, default=30, help="training steps per variant (>= 20)")
+    p.add_argument(
+        "--total-steps",
+        type=int,
+        default=1000,
+        help="T given to the selective optimizers: the run measured is the first --steps steps "
+        "of a T-step fine-tuning run (B/T weights unmasked per step); pass --total-steps equal "
+        "to --steps for the worst case, B/steps per step",
+    )
     p.add_argument("--warmup", type=int, default=5, help="leading steps left out of medians")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
@@ -496,6 +513,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.intermediate = 4 * args.hidden
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    if args.total_steps < args.steps:
+        p.error("need --total-steps >= --steps")
     if not 0 <= args.warmup < args.steps:
         p.error("need 0 <= --warmup < --steps")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -509,6 +528,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         steps=args.steps,
+        total_steps=args.total_steps,
         warmup=args.warmup,
         batch=args.batch,
         seq_len=args.seq_len,
