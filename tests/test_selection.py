@@ -36,21 +36,23 @@ key_values = st.one_of(st.integers(-3, 3).map(float), special)
     data=st.data(),
     k=st.integers(0, 60),
     floor=st.sampled_from([0.0, float("-inf")]),
-    row=st.sampled_from([4, 8, 65536]),
+    block=st.sampled_from([2, 4, 8, 128]),
 )
-def test_select_top_matches_brute_force(sizes, data, k, floor, row):
+def test_select_top_matches_brute_force(sizes, data, k, floor, block):
     tensors = [torch.tensor(data.draw(st.lists(key_values, min_size=n, max_size=n))) for n in sizes]
-    original = selection._ROW
-    selection._ROW = row  # small rows exercise the row-wise top-k path on small tensors
+    original = selection._BLOCK, selection._SMALL
+    # Small blocks and no small-tensor shortcut exercise the block path on small tensors.
+    selection._BLOCK, selection._SMALL = block, 0
     try:
         got = select_top(sources_of(tensors), k, floor).tolist()
     finally:
-        selection._ROW = original
+        selection._BLOCK, selection._SMALL = original
     assert got == brute_force(tensors, k, floor)
 
 
-def test_select_top_row_path_with_many_ties(monkeypatch):
-    monkeypatch.setattr(selection, "_ROW", 16)
+def test_select_top_block_path_with_many_ties(monkeypatch):
+    monkeypatch.setattr(selection, "_BLOCK", 4)
+    monkeypatch.setattr(selection, "_SMALL", 0)
     torch.manual_seed(0)
     tensors = [torch.randint(0, 3, (200,)).float(), torch.randint(0, 3, (37,)).float()]
     for k in (1, 5, 50, 150, 300):

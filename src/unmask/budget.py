@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 Budget = int | float | str
 
@@ -53,26 +54,27 @@ def _to_count(budget: Budget, num_candidates: int) -> int:
             )
         return int(budget)
     text = budget.strip().upper().replace(",", "").replace("_", "")
+    # Decimal, not float: "16.1K" is exactly 16100 and long counts keep every digit.
     if m := _PERCENT.match(text):
-        percent = float(m.group(1))
+        percent = Decimal(m.group(1))
         if not 0 < percent <= 100:
             raise ValueError(f"budget {budget!r}: a percentage must be in (0, 100]")
         return _fraction(percent / 100, num_candidates)
     if _FRACTION.match(text):
-        value = float(text)
+        value = Decimal(text)
         if value <= 0:
             raise ValueError(f"budget must be positive, got {budget!r}")
         return _fraction(value, num_candidates)
     if m := _COUNT.match(text):
-        value = float(m.group(1)) * _SUFFIXES[m.group(2)]
-        if value != int(value) or value < 1:
+        value = Decimal(m.group(1)) * _SUFFIXES[m.group(2)]
+        if value != value.to_integral_value() or value < 1:
             raise ValueError(f"budget {budget!r} is not a whole number of weights >= 1")
         return int(value)
     raise ValueError(_malformed(budget))
 
 
-def _fraction(fraction: float, num_candidates: int) -> int:
-    return max(1, round(fraction * num_candidates))
+def _fraction(fraction: float | Decimal, num_candidates: int) -> int:
+    return max(1, round(Decimal(fraction) * num_candidates))
 
 
 def _malformed(budget: object) -> str:

@@ -298,7 +298,7 @@ class SparseDelta:
             raise DeltaError(f"{config_path} is larger than {MAX_CONFIG_BYTES} bytes")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise DeltaError(f"{config_path} is not valid JSON: {err}") from err
         entries = _check_config(config, config_path)
         if _file_sha256(tensors_path) != config["tensors_sha256"]:
@@ -407,7 +407,8 @@ def _check_config(config: Any, path: Path) -> list[dict[str, Any]]:
             and entry["count"] >= 0
             and isinstance(entry.get("shape"), list)
             and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
-            and entry.get("dtype") in {_dtype_name(d) for d in _VALUE_DTYPES}
+            and isinstance(entry.get("dtype"), str)
+            and entry["dtype"] in {_dtype_name(d) for d in _VALUE_DTYPES}
             and (entry["kind"] == "replace" or isinstance(entry.get("base_sha256"), str))
         )
         if not ok:

@@ -109,6 +109,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             budget, cands.sparse_numel, cands.dense_numel, dense_in_budget
         )
         self.dense_in_budget = dense_in_budget
+        dense_charge = cands.dense_numel if dense_in_budget and self.method.kind != "dense" else 0
+        self.total_budget = self.budget + dense_charge
 
         device = self._params[0].device if self._params else torch.device("cpu")
         self._master = (
@@ -476,7 +478,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         }
         metadata = {
             **self.method.config(),
-            "budget": self.budget,
+            "budget": self.total_budget,
+            "sparse_budget": self.budget,
             "dense_in_budget": self.dense_in_budget,
             "total_steps": self.total_steps,
             "steps_done": self.steps_done,

@@ -1,0 +1,35 @@
+"""Integrations of unmask with the Hugging Face training stack.
+
+- `unmask.integrations.trainer`: `UnmaskTrainer` (a `transformers.Trainer` whose optimizer is a
+  `SelectiveOptimizer`), `make_optimizer`, and `UnmaskCallback` (deltas in every checkpoint,
+  selection telemetry in the logs). Needs `transformers`.
+- `unmask.integrations.peft`: `peft_candidates`, the candidate patterns for a peft model
+  (LoRA, IA3, LoHa, ...). Needs nothing beyond torch.
+
+The names below are imported lazily, so `import unmask.integrations` does not import
+transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "UnmaskCallback": "trainer",
+    "UnmaskTrainer": "trainer",
+    "make_optimizer": "trainer",
+    "module_type": "trainer",
+    "telemetry": "trainer",
+    "unwrap_optimizer": "trainer",
+    "peft_candidates": "peft",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    return getattr(module, name)

@@ -1,0 +1,279 @@
+"""Selective fine-tuning inside a `transformers.Trainer`.
+
+    from unmask.integrations.trainer import UnmaskTrainer
+
+    trainer = UnmaskTrainer(
+        model=model, args=TrainingArguments(output_dir="out", max_steps=1000, learning_rate=1e-4),
+        train_dataset=train, unmask_config=dict(method="id3", budget="0.1%", dense=["classifier"]),
+    )
+    trainer.train()                     # out/checkpoint-*/unmask_delta and out/unmask_delta
+
+`UnmaskTrainer` builds a `SelectiveOptimizer` instead of the Trainer's AdamW, with T set to the
+Trainer's own number of optimizer steps, and adds an `UnmaskCallback`, which saves the sparse
+delta next to every checkpoint and at the end of training, and adds the selection telemetry
+(`unmask/num_selected`, `unmask/num_changed`, `unmask/alloc/<module type>`) to the logs. A plain
+`Trainer` works too: pass ``optimizers=(make_optimizer(model, args, ...), None)`` and
+``callbacks=[UnmaskCallback()]``.
+
+Checkpoints need nothing special: the Trainer saves `optimizer.state_dict()` (slots, wrapped
+optimizer state, step counter) with the model, and `train(resume_from_checkpoint=...)` restores
+it, so a resumed run selects the same weights and reaches the same values as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..methods import make_method
+from ..optimizer import SelectiveOptimizer
+
+logger = logging.getLogger(__name__)
+
+DELTA_DIRNAME = "unmask_delta"
+
+# TrainingArguments.optim values with an elementwise torch equivalent that SelectiveOptimizer can
+# wrap. Fused/foreach variants compute the same update, and for Adam/AdamW unmask's per-slot Adam
+# replaces torch's anyway (adam_step="per-weight"). Anything else (8-bit, Adafactor, GaLore, LOMO,
+# ...) is refused instead of silently swapped for AdamW.
+TRAINER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw_torch": torch.optim.AdamW,
+    "adamw_torch_fused": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+# Module types of the allocation telemetry, tried in this order; the first match wins, so
+# `attention.output.LayerNorm` is a norm and `classifier.modules_to_save.default` is the head.
+MODULE_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("norm", re.compile(r"norm|(^|\.)ln(_\w+)?\.", re.IGNORECASE)),
+    ("embeddings", re.compile(r"embed|(^|\.)(wte|wpe|shared)\.")),
+    ("head", re.compile(r"classifier|lm_head|(^|\.)(score|pooler|qa_outputs|cls)\.")),
+    ("attention", re.compile(r"attn|attention|(^|\.)(q|k|v|o|qkv)_proj\.|(query|key|value)\.")),
+    (
+        "mlp",
+        re.compile(
+            r"mlp|intermediate|feed_forward|ffn|(^|\.)(fc\d|w[123]|gate_proj|up_proj|down_proj)\."
+            r"|(^|\.)output\.dense\."
+        ),
+    ),
+)
+TELEMETRY_TYPES = tuple(t for t, _ in MODULE_TYPES) + ("other",)
+
+
+def module_type(name: str) -> str:
+    """Coarse type of a parameter, from its name: norm, embeddings, head, attention, mlp, other.
+
+    Works for BERT-, Llama- and GPT-2-style names and for peft's wrapped names
+    (``...self_attn.q_proj.lora_A.default.weight`` is attention).
+    """
+    for kind, pattern in MODULE_TYPES:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+def unwrap_optimizer(optimizer: Any) -> SelectiveOptimizer | None:
+    """The SelectiveOptimizer inside `optimizer` (e.g. an AcceleratedOptimizer), or None."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, SelectiveOptimizer) and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if isinstance(optimizer, SelectiveOptimizer) else None
+
+
+def telemetry(optimizer: SelectiveOptimizer) -> dict[str, int]:
+    """Selection counters for the Trainer's loggers.
+
+    unmask/num_selected  weights trained in the current step
+    unmask/num_changed   weights that may differ from the pretrained model (dense ones included)
+    unmask/budget        the budget B (dense weights included when they count against it)
+    unmask/alloc/<type>  changed weights per module type (see `module_type`); every type is
+                         always present, so loggers get stable columns
+    """
+    logs = {
+        "unmask/num_selected": optimizer.num_selected,
+        "unmask/num_changed": optimizer.num_changed,
+        "unmask/budget": optimizer.total_budget,
+    }
+    by_type = dict.fromkeys(TELEMETRY_TYPES, 0)
+    for name, count in optimizer.allocation().items():
+        by_type[module_type(name)] += count
+    logs.update({f"unmask/alloc/{kind}": count for kind, count in by_type.items()})
+    return logs
+
+
+def make_optimizer(
+    model: nn.Module,
+    args: TrainingArguments,
+    *,
+    total_steps: int | None = None,
+    optimizer: type[torch.optim.Optimizer] | None = None,
+    **unmask_kwargs: Any,
+) -> SelectiveOptimizer:
+    """A SelectiveOptimizer configured from `TrainingArguments`.
+
+    The wrapped optimizer is the torch equivalent of ``args.optim`` (AdamW by default; SGD,
+    Adagrad, RMSprop; others are refused) unless `optimizer` is given. ``lr`` and
+    ``weight_decay`` come from `args`, and for Adam/AdamW also ``betas`` and ``eps``; any of them
+    in `unmask_kwargs` wins. T is `total_steps`, else ``args.max_steps`` when it is set. All
+    other keywords (method, budget, include, exclude, dense, schedule, adam_step, score_eps,
+    score_exp, seed, ...) go to `SelectiveOptimizer`.
+
+    Unlike the Trainer's AdamW, weight decay applies to every selected weight, biases and norms
+    included; it pulls a weight towards its pretrained value (see SelectiveOptimizer).
+    """
+    if optimizer is None:
+        name = str(getattr(args.optim, "value", args.optim))
+        if name not in TRAINER_OPTIMIZERS:
+            raise ValueError(
+                f"TrainingArguments.optim={name!r} has no elementwise torch equivalent unmask can "
+                f"wrap; use one of {sorted(TRAINER_OPTIMIZERS)} or pass optimizer=<torch class> "
+                "in unmask_config"
+            )
+        optimizer = TRAINER_OPTIMIZERS[name]
+    kwargs: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    if optimizer in (torch.optim.Adam, torch.optim.AdamW):
+        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    kwargs.update(unmask_kwargs)
+    if total_steps is None and args.max_steps > 0:
+        total_steps = args.max_steps
+    return SelectiveOptimizer(model, total_steps=total_steps, optimizer=optimizer, **kwargs)
+
+
+class UnmaskCallback(TrainerCallback):
+    """Saves the sparse delta with every checkpoint and logs selection telemetry.
+
+    - on_train_begin: for a method that chooses its mask from calibration batches ("fish"),
+      calibrates on the first `calibration_batches` training batches (skipped when a resumed
+      checkpoint already holds the mask).
+    - on_save: writes ``<checkpoint>/unmask_delta`` (delta.safetensors + delta_config.json).
+    - on_train_end: writes ``<output_dir>/unmask_delta``, the delta of the last step.
+    - on_log: adds `telemetry` to every training-step log (the ones with a ``loss``).
+
+    Needs the Trainer's optimizer to be a SelectiveOptimizer (possibly wrapped by accelerate).
+    With ``load_best_model_at_end`` the final delta is still that of the last step: take the
+    best checkpoint's ``unmask_delta`` instead.
+    """
+
+    def __init__(
+        self,
+        save_delta: bool = True,
+        log_telemetry: bool = True,
+        calibration_batches: int = 8,
+        delta_dirname: str = DELTA_DIRNAME,
+    ) -> None:
+        self.save_delta = save_delta
+        self.log_telemetry = log_telemetry
+        self.calibration_batches = calibration_batches
+        self.delta_dirname = delta_dirname
+
+    def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kw):
+        opt = _require(optimizer)
+        if not opt.calibrated:
+            if train_dataloader is None:
+                raise RuntimeError(
+                    f"method {opt.method.name!r} needs calibration batches and the Trainer passed "
+                    "no train_dataloader; call opt.calibrate(batches) before trainer.train()"
+                )
+            opt.calibrate(train_dataloader, num_batches=self.calibration_batches)
+
+    def on_save(self, args, state, control, optimizer=None, **kwargs):
+        if not (self.save_delta and state.is_world_process_zero):
+            return
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(checkpoint):
+            # Hyperparameter search writes checkpoints under run-<id>/, which a callback cannot
+            # see; the final delta is still written by on_train_end.
+            logger.warning("unmask: checkpoint folder %s not found; delta not saved", checkpoint)
+            return
+        _require(optimizer).delta().save_pretrained(os.path.join(checkpoint, self.delta_dirname))
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.save_delta and state.is_world_process_zero:
+            path = os.path.join(args.output_dir, self.delta_dirname)
+            _require(optimizer).delta().save_pretrained(path)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if not self.log_telemetry or logs is None or "loss" not in logs:
+            return
+        if "unmask/num_selected" in logs:  # UnmaskTrainer.log added it already
+            return
+        extra = telemetry(_require(optimizer))
+        logs.update(extra)
+        # Trainer.log appends a copy of `logs` to log_history before calling callbacks; update
+        # that entry too so trainer_state.json holds the telemetry.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+
+class UnmaskTrainer(Trainer):
+    """A `transformers.Trainer` that fine-tunes with a `SelectiveOptimizer`.
+
+    Args:
+        unmask_config: keyword arguments of `make_optimizer` / `SelectiveOptimizer`: method,
+            budget, include, exclude, dense, dense_in_budget, schedule, adam_step, score_eps,
+            score_exp, seed, optimizer, total_steps, and overrides of lr, weight_decay, betas, eps.
+            T defaults to the Trainer's number of optimizer steps (``max_steps``, or the epochs
+            converted to steps). One extra key, ``calibration_batches`` (default 8), sets how
+            many training batches calibrate "fish".
+        *args, **kwargs: as for `transformers.Trainer`.
+
+    An `UnmaskCallback` is added unless `callbacks` holds one already. Telemetry is added in
+    `log`, so ``trainer.state.log_history`` and every report_to logger see it.
+    """
+
+    def __init__(self, *args: Any, unmask_config: dict[str, Any] | None = None, **kwargs: Any):
+        config = dict(unmask_config or {})
+        calibration_batches = config.pop("calibration_batches", 8)
+        # Fail on a misspelt method now rather than after the model is loaded and wrapped.
+        make_method(config.get("method", "id3"))
+        self.unmask_config = config
+        self._unmask_total_steps: int | None = None
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, UnmaskCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(UnmaskCallback(calibration_batches=calibration_batches))
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """As Trainer's, remembering `num_training_steps` as T for `create_optimizer`."""
+        self._unmask_total_steps = num_training_steps
+        super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build the SelectiveOptimizer (once); T is the Trainer's number of optimizer steps."""
+        if self.optimizer is None:
+            config = dict(self.unmask_config)
+            if config.get("total_steps") is None:
+                # train() sets state.max_steps (epochs already converted to optimizer steps)
+                # before it creates the optimizer; create_optimizer_and_scheduler passes it too.
+                steps = self._unmask_total_steps or self.state.max_steps
+                config["total_steps"] = steps if steps and steps > 0 else None
+            target = self.model if model is None else model
+            self.optimizer = make_optimizer(target, self.args, **config)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the selection telemetry to training-step logs, then log as the Trainer does."""
+        opt = unwrap_optimizer(self.optimizer)
+        if opt is not None and "loss" in logs:
+            logs.update(telemetry(opt))
+        super().log(logs, *args, **kwargs)
+
+
+def _require(optimizer: Any) -> SelectiveOptimizer:
+    opt = unwrap_optimizer(optimizer)
+    if opt is None:
+        raise TypeError(
+            "UnmaskCallback needs the Trainer's optimizer to be an unmask.SelectiveOptimizer, got "
+            f"{type(optimizer).__name__}; use UnmaskTrainer, or Trainer(..., "
+            "optimizers=(make_optimizer(model, args, ...), None))"
+        )
+    return opt
