@@ -93,7 +93,9 @@ def main() -> None:
         size = sum(f.stat().st_size for f in Path(folder).iterdir())
         reloaded = unmask.SparseDelta.from_pretrained(folder)
     reloaded.apply_(base)
-    same = all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+    same = all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters(), strict=True)
+    )
     print(
         f"delta: {size:,} bytes on disk; applied to the base it reproduces the trained model "
         f"bit for bit: {same}"

@@ -318,7 +318,10 @@ def smollm2_path() -> Path:
                     "artifact": ARTIFACTS["smollm2"].requirement,
                     "sha256": ARTIFACTS["smollm2"].sha256,
                     "gguf_file": SMOLLM2_GGUF,
-                    "note": "Q4_1 GGUF dequantised to float32 by transformers, saved with save_pretrained",
+                    "note": (
+                        "Q4_1 GGUF dequantised to float32 by transformers, "
+                        "saved with save_pretrained"
+                    ),
                 },
                 indent=2,
             )

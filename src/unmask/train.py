@@ -1,0 +1,302 @@
+"""A plain fine-tuning loop for the CLI: sequence classification or causal-LM prompt -> answer.
+
+Read top to bottom: load model and task, build the SelectiveOptimizer, train with a progress
+bar, evaluate on a fixed split, write the delta, the step log and a run report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import resources
+from .delta import SparseDelta
+from .files import atomic_write_text
+from .optimizer import SelectiveOptimizer
+from .tasks import Task, load_task
+
+MODEL_ALIASES = {"minilm": resources.minilm_path, "smollm2": resources.smollm2_path}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `unmask train` accepts; the defaults are the default job."""
+
+    model: str = "minilm"
+    task: str = "polarity"
+    method: str = "id3"
+    budget: str | None = "0.1%"
+    epochs: float = 1.0
+    steps: int | None = None
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    max_length: int = 64
+    seed: int = 0
+    output: str = "runs/default"
+    eval_split: str = "test"
+    train_size: int | None = None
+    eval_size: int | None = None
+    score_eps: float = 1e-3
+    score_exp: float = 1.0
+    adam_step: str = "per-weight"
+    schedule: str = "uniform"
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    max_new_tokens: int = 8
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model(name: str) -> str:
+    """A model alias ("minilm", "smollm2") becomes its cached local folder; others pass through."""
+    return str(MODEL_ALIASES[name]()) if name in MODEL_ALIASES else name
+
+
+def load_model(name: str, task: Task):
+    """(model, tokenizer) for `task`: a sequence classifier or a causal LM, in fp32."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if task.kind == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=task.num_labels, dtype=torch.float32
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def new_head_patterns(model) -> list[str]:
+    """Parameters that from_pretrained initialised at random: trained dense, saved whole."""
+    names = [n for n, _ in model.named_parameters()]
+    return [
+        rf"^{head}\."
+        for head in ("classifier", "score")
+        if any(n.startswith(head + ".") for n in names)
+    ]
+
+
+def encode(tokenizer, task: Task, examples: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenised batch: classification labels, or LM labels masked to the answer tokens only."""
+    if task.kind == "classification":
+        enc = tokenizer(
+            [e["text"] for e in examples],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        enc["labels"] = torch.tensor([e["label"] for e in examples])
+        return dict(enc)
+    rows, labels = [], []
+    for e in examples:
+        prompt = tokenizer(e["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(e["answer"], add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_length]
+        rows.append(ids)
+        labels.append(([-100] * len(prompt) + answer)[:max_length])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    # Left padding keeps every prompt's last token at the end, as generation expects.
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    label_ids = torch.tensor(
+        [[-100] * (width - len(r)) + lab for r, lab in zip(rows, labels, strict=True)]
+    )
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[dict],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int = 8,
+) -> float:
+    """Accuracy (classification) or exact match of the greedy continuation (generation)."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        if task.kind == "classification":
+            batch = encode(tokenizer, task, chunk, max_length)
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+            continue
+        tokenizer.padding_side = "left"
+        enc = tokenizer(
+            [e["prompt"] for e in chunk],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(
+            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        correct += sum(t.strip() == e["answer"].strip() for t, e in zip(texts, chunk, strict=True))
+    return correct / max(len(examples), 1)
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate and write `config.output`/{delta/, train_log.jsonl, report.json}."""
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    task = load_task(
+        config.task,
+        seed=config.seed,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        prompt_column=config.prompt_column,
+        answer_column=config.answer_column,
+        train_size=config.train_size,
+        eval_size=config.eval_size,
+    )
+    if not task.train:
+        raise ValueError(f"task {config.task!r} has no training examples")
+    model, tokenizer = load_model(config.model, task)
+    model.train()
+    per_epoch = math.ceil(len(task.train) / config.batch_size)
+    total = config.steps or max(1, round(config.epochs * per_epoch))
+    budget = None if config.method in ("bitfit", "full") else config.budget
+    opt = SelectiveOptimizer(
+        model,
+        method=config.method,
+        budget=budget,
+        total_steps=total,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        dense=new_head_patterns(model) or None,
+        score_eps=config.score_eps,
+        score_exp=config.score_exp,
+        adam_step=config.adam_step,
+        schedule=config.schedule,
+        seed=config.seed,
+    )
+    order = _batches(len(task.train), config.batch_size, total, config.seed)
+    if opt.method.needs_calibration:
+        opt.calibrate(
+            encode(tokenizer, task, [task.train[i] for i in idx], config.max_length)
+            for idx in order[:8]
+        )
+    log_path = output / "train_log.jsonl"
+    started = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log, _progress(total, config.progress) as bar:
+        for step, idx in enumerate(order):
+            batch = encode(tokenizer, task, [task.train[i] for i in idx], config.max_length)
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            record = {
+                "step": step,
+                "loss": round(loss.item(), 5),
+                "num_selected": opt.num_selected,
+                "scheduled": opt.schedule.cumulative(step, opt.budget, total),
+            }
+            log.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", selected=opt.num_selected)
+            bar.update(1)
+    train_seconds = time.perf_counter() - started
+    split = task.test if config.eval_split == "test" else task.validation
+    metric = evaluate(
+        model,
+        tokenizer,
+        task,
+        split,
+        config.batch_size * 4,
+        config.max_length,
+        config.max_new_tokens,
+    )
+    delta = opt.delta()
+    delta.metadata.update(
+        {
+            "task": task.name,
+            "label_names": task.label_names,
+            "base_model": resolve_model(config.model),
+        }
+    )
+    delta.save_pretrained(output / "delta")
+    report = {
+        "config": asdict(config),
+        "task": {
+            "name": task.name,
+            "kind": task.kind,
+            "train": len(task.train),
+            "eval_split": config.eval_split,
+            "eval": len(split),
+        },
+        task.metric: metric,
+        "weights_changed": opt.num_changed,
+        "weights_total": sum(p.numel() for p in model.parameters()),
+        "delta_bytes": sum(f.stat().st_size for f in (output / "delta").iterdir()),
+        "steps": total,
+        "train_seconds": round(train_seconds, 1),
+        "optimizer_state_bytes": opt.state_bytes(),
+    }
+    atomic_write_text(output / "report.json", json.dumps(report, indent=1))
+    return report
+
+
+def load_delta_model(model_name: str, delta_dir: str, task: Task):
+    """The base model with a saved delta applied, and its tokenizer."""
+    model, tokenizer = load_model(model_name, task)
+    SparseDelta.from_pretrained(delta_dir).apply_(model)
+    return model, tokenizer
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Index batches for `steps` steps, reshuffling the examples every epoch."""
+    rng = random.Random(seed)
+    out: list[list[int]] = []
+    while len(out) < steps:
+        order = list(range(n))
+        rng.shuffle(order)
+        out += [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return out[:steps]
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)

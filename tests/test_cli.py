@@ -1,0 +1,169 @@
+"""`unmask` CLI end to end on a tiny random model and a tiny local CSV (nothing downloaded)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizerFast
+from transformers import BertForSequenceClassification as Bert
+
+from unmask import SparseDelta
+from unmask.cli import EXIT_USAGE, main
+
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = AutoModelForSequenceClassification.from_config(config)
+    # Save only the backbone, as a pretrained checkpoint: the head is created at load time.
+    model.bert.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    rng = random.Random(0)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "sentiment"])
+        for _ in range(120):
+            positive = rng.random() < 0.5
+            word = rng.choice(WORDS[:4] if positive else WORDS[4:8])
+            writer.writerow([f"the movie was {word}", "pos" if positive else "neg"])
+    return path
+
+
+def test_train_eval_inspect_merge(tiny_model_dir, tiny_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(tiny_csv),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+    ]
+    code = main(
+        [
+            "train",
+            *common,
+            "--budget",
+            "5%",
+            "--steps",
+            "12",
+            "--lr",
+            "1e-2",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "accuracy on test" in printed and "weights changed" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 12 and 0 < report["weights_changed"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(12))
+    assert all(r["num_selected"] <= r["scheduled"] for r in log)
+
+    assert main(["eval", *common, "--delta", str(out / "delta")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["accuracy"] == pytest.approx(report["accuracy"])
+
+    assert main(["inspect", str(out / "delta"), "--log", str(out / "train_log.jsonl")]) == 0
+    table = capsys.readouterr().out
+    assert "layer 00" in table and "module type" in table
+
+    merged = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                "--delta",
+                str(out / "delta"),
+                "--output",
+                str(merged),
+                "--model",
+                str(tiny_model_dir),
+            ]
+        )
+        == 0
+    )
+    reloaded = Bert.from_pretrained(merged).eval()
+    base = Bert.from_pretrained(tiny_model_dir, num_labels=2).eval()
+    SparseDelta.from_pretrained(out / "delta").apply_(base)
+    ids = torch.randint(5, 5 + len(WORDS), (4, 6))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_config_file_and_flag_override(tiny_model_dir, tiny_csv, tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'model = "{tiny_model_dir}"\ntask = "{tiny_csv}"\n'
+        'text_column = "sentence"\nlabel_column = "sentiment"\n'
+        'method = "pafi"\nbudget = "2%"\nsteps = 3\n'
+    )
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["method"] == "pafi" and report["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--task", "missing.csv"], "not found"),
+        (["inspect", "no/such/delta"], "not found"),
+        (["eval", "--delta", "no/such/delta", "--task", "addition", "--model", "x"], ""),
+    ],
+)
+def test_bad_input_exits_2_with_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_config_key(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("lerning_rate = 0.1\n")
+    assert main(["train", "--config", str(config)]) == EXIT_USAGE
+    assert "unknown option" in capsys.readouterr().err
