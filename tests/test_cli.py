@@ -167,3 +167,105 @@ def test_unknown_config_key(tiny_model_dir, tmp_path, capsys):
     config.write_text("lerning_rate = 0.1\n")
     assert main(["train", "--config", str(config)]) == EXIT_USAGE
     assert "unknown option" in capsys.readouterr().err
+
+
+def test_causal_lm_prompt_answer(tmp_path, capsys):
+    """Generation tasks: loss on the answer only, exact-match evaluation, merge to a causal LM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), eos_token="[SEP]").save_pretrained(
+        folder
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            eos_token_id=3,
+        )
+    ).save_pretrained(folder)
+    data = tmp_path / "qa.jsonl"
+    rng = random.Random(0)
+    with open(data, "w") as f:
+        for _ in range(60):
+            word = rng.choice(WORDS[:8])
+            f.write(json.dumps({"prompt": f"the movie was {word}", "answer": word}) + "\n")
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(folder),
+                "--task",
+                str(data),
+                "--steps",
+                "4",
+                "--budget",
+                "10%",
+                "--lr",
+                "1e-2",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"]["kind"] == "generation" and 0.0 <= report["exact_match"] <= 1.0
+    merged = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                "--delta",
+                str(out / "delta"),
+                "--output",
+                str(merged),
+                "--model",
+                str(folder),
+            ]
+        )
+        == 0
+    )
+    reloaded = LlamaForCausalLM.from_pretrained(merged)
+    base = LlamaForCausalLM.from_pretrained(folder)
+    SparseDelta.from_pretrained(out / "delta").apply_(base)
+    for p, q in zip(reloaded.parameters(), base.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_answer_only_loss_masks_prompt_tokens(tiny_model_dir):
+    from unmask.tasks import Task
+    from unmask.train import encode
+
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_model_dir, eos_token="[SEP]")
+    task = Task("t", "generation", [], [], [], None, "exact_match")
+    batch = encode(
+        tokenizer,
+        task,
+        [
+            {"prompt": "the movie was", "answer": "good"},
+            {"prompt": "the", "answer": "movie was bad"},
+        ],
+        32,
+    )
+    labels = batch["labels"]
+    # Row 0: 3 prompt tokens then "good" + eos; row 1: 1 prompt token, 3 answer tokens + eos.
+    assert (labels[0] != -100).sum() == 2 and (labels[1] != -100).sum() == 4
+    answer_ids = labels[0][labels[0] != -100].tolist()
+    assert answer_ids == tokenizer("good", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    assert batch["attention_mask"].sum(1).tolist() == [5, 5]

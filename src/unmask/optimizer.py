@@ -207,6 +207,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._params and self._params[0].device != self._delta.device:
+            raise RuntimeError(
+                f"the model's parameters moved to {self._params[0].device} after the optimizer "
+                f"was built on {self._delta.device}; build the optimizer after model.to(device)"
+            )
         if not self.calibrated:
             raise RuntimeError(
                 f"method {self.method.name!r} chooses its mask from calibration batches: call "

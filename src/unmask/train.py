@@ -148,7 +148,8 @@ def evaluate(
             add_special_tokens=False,
         )
         out = model.generate(
-            **enc,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,

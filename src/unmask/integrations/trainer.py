@@ -32,6 +32,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..delta import SparseDelta
 from ..methods import make_method
 from ..optimizer import SelectiveOptimizer
 
@@ -129,8 +130,16 @@ def make_optimizer(
     score_exp, seed, ...) go to `SelectiveOptimizer`.
 
     Unlike the Trainer's AdamW, weight decay applies to every selected weight, biases and norms
-    included; it pulls a weight towards its pretrained value (see SelectiveOptimizer).
+    included; it pulls a weight towards its pretrained value (see SelectiveOptimizer). Refuses
+    ``args.fp16`` (torch's GradScaler cannot see the model gradients unmask reads); bf16 works.
     """
+    if getattr(args, "fp16", False):
+        # fp16 training runs through torch's GradScaler, which unscales and checks for inf only
+        # the gradients of optimizer.param_groups: here the slot buffer, not the model's
+        # candidate weights, so selection, clipping and steps would see scaled gradients.
+        raise ValueError(
+            "unmask does not support fp16 mixed precision (GradScaler): use bf16=True, or fp32"
+        )
     if optimizer is None:
         name = str(getattr(args.optim, "value", args.optim))
         if name not in TRAINER_OPTIMIZERS:
@@ -156,12 +165,12 @@ class UnmaskCallback(TrainerCallback):
       calibrates on the first `calibration_batches` training batches (skipped when a resumed
       checkpoint already holds the mask).
     - on_save: writes ``<checkpoint>/unmask_delta`` (delta.safetensors + delta_config.json).
-    - on_train_end: writes ``<output_dir>/unmask_delta``, the delta of the last step.
+    - on_train_end: writes ``<output_dir>/unmask_delta``, the delta of the last step, or with
+      ``load_best_model_at_end`` a copy of the best checkpoint's delta (the weights the Trainer
+      leaves in the model).
     - on_log: adds `telemetry` to every training-step log (the ones with a ``loss``).
 
     Needs the Trainer's optimizer to be a SelectiveOptimizer (possibly wrapped by accelerate).
-    With ``load_best_model_at_end`` the final delta is still that of the last step: take the
-    best checkpoint's ``unmask_delta`` instead.
     """
 
     def __init__(
@@ -198,8 +207,16 @@ class UnmaskCallback(TrainerCallback):
         _require(optimizer).delta().save_pretrained(os.path.join(checkpoint, self.delta_dirname))
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
-        if self.save_delta and state.is_world_process_zero:
-            path = os.path.join(args.output_dir, self.delta_dirname)
+        if not (self.save_delta and state.is_world_process_zero):
+            return
+        path = os.path.join(args.output_dir, self.delta_dirname)
+        best = state.best_model_checkpoint
+        best_delta = os.path.join(best, self.delta_dirname) if best else None
+        if args.load_best_model_at_end and best_delta and os.path.isdir(best_delta):
+            # The Trainer has reloaded the best checkpoint's weights, but the optimizer still
+            # holds the last step's slots: the delta that matches the model is the best one's.
+            SparseDelta.from_pretrained(best_delta).save_pretrained(path)
+        else:
             _require(optimizer).delta().save_pretrained(path)
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
