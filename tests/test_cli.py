@@ -94,9 +94,23 @@ def test_train_eval_inspect_merge(tiny_model_dir, tiny_csv, tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["accuracy"] == pytest.approx(report["accuracy"])
 
-    assert main(["inspect", str(out / "delta"), "--log", str(out / "train_log.jsonl")]) == 0
+    plot = tmp_path / "budget.png"
+    assert (
+        main(
+            [
+                "inspect",
+                str(out / "delta"),
+                "--log",
+                str(out / "train_log.jsonl"),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "layer 00" in table and "module type" in table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     merged = tmp_path / "merged"
     assert (
