@@ -10,7 +10,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ class TrainConfig:
     budget: str | None = "0.1%"
     epochs: float = 1.0
     steps: int | None = None
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 16
     max_length: int = 64
@@ -54,7 +54,6 @@ class TrainConfig:
     answer_column: str = "answer"
     max_new_tokens: int = 8
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_model(name: str) -> str:
