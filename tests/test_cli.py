@@ -283,3 +283,62 @@ def test_answer_only_loss_masks_prompt_tokens(tiny_model_dir):
         tokenizer.eos_token_id
     ]
     assert batch["attention_mask"].sum(1).tolist() == [5, 5]
+
+
+def test_sigterm_writes_checkpoint_and_resume_matches_uninterrupted(
+    tiny_model_dir, tiny_csv, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(tiny_csv),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--budget",
+        "5%",
+        "--steps",
+        "100",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+    ]
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unmask.cli", "train", *common, "--output", str(interrupted)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log = interrupted / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert b"--resume" in err
+    assert (interrupted / "checkpoint.pt").is_file() and not (interrupted / "delta").exists()
+
+    assert main(["train", *common, "--output", str(interrupted), "--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert main(["train", *common, "--output", str(reference)]) == 0
+    a = SparseDelta.from_pretrained(interrupted / "delta")
+    b = SparseDelta.from_pretrained(reference / "delta")
+    assert a.sparse.keys() == b.sparse.keys()
+    for name, (idx, val) in a.sparse.items():
+        assert torch.equal(idx, b.sparse[name][0]) and torch.equal(val, b.sparse[name][1])
+    for name, value in a.replace.items():
+        assert torch.equal(value, b.replace[name])
+    lines = (interrupted / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(100))

@@ -564,3 +564,48 @@ def test_step_leaves_gradients_untouched(score_exp):
     opt.step()
     for n, p in model.named_parameters():
         assert torch.equal(p.grad, grads[n]), n
+
+
+def test_nonfinite_gradients_skip_the_step_then_stop():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    opt = SelectiveOptimizer(
+        model, method="id3", budget=20, total_steps=4, lr=1e-2, max_nonfinite_steps=2
+    )
+    _set_grads(model, torch.randn(8, 8), torch.randn(8, 8))
+    opt.step()
+    before = snapshot(model)
+    state_before = opt.state_dict()
+    grad = torch.randn(8, 8)
+    grad.view(-1)[opt.selected()["a.weight"][0]] = float("nan")
+    for attempt in (1, 2):
+        _set_grads(model, grad, torch.randn(8, 8))
+        with pytest.warns(RuntimeWarning, match=f"skipped \\({attempt} in a row"):
+            opt.step()
+        assert opt.steps_done == 1 and opt.num_skipped_steps == attempt
+        for name, value in snapshot(model).items():
+            assert torch.equal(value, before[name])
+        assert torch.equal(opt.state_dict()["delta"], state_before["delta"])
+    with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
+        _set_grads(model, grad, torch.randn(8, 8))
+        opt.step()
+    # Finite gradients again: training continues and nothing non-finite was stored.
+    opt.consecutive_skips = 0
+    _set_grads(model, torch.randn(8, 8), torch.randn(8, 8))
+    opt.step()
+    assert opt.steps_done == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = opt._sparse.state[opt._delta]
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert all(torch.isfinite(v).all() for _, v in opt.delta().sparse.values())
+
+
+def test_nonfinite_dense_gradient_is_skipped():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(model, method="id3", budget=200, total_steps=3, dense=["classifier"])
+    model(**make_batches("bert", 1)[0]).loss.backward()
+    model.classifier.weight.grad[0, 0] = float("inf")
+    head = model.classifier.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(model.classifier.weight, head) and opt.num_selected == 0

@@ -1,7 +1,8 @@
 """The `unmask` command line: train, eval, merge, inspect.
 
 Exit codes: 0 success, 2 bad usage or bad input (message on stderr), 3 a download or checksum
-failed, 130 interrupted.
+failed, 4 training stopped on persistent non-finite gradients, 130 interrupted (SIGINT/SIGTERM;
+`unmask train` writes a resumable checkpoint first).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from . import METHODS
 from .delta import DeltaError, SparseDelta
 
-EXIT_OK, EXIT_USAGE, EXIT_RESOURCE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_USAGE, EXIT_RESOURCE, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 DESCRIPTION = """\
 Selective fine-tuning with ID3: train only a budget of individual weights of a pretrained model
@@ -38,12 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from .resources import ResourceError
+    from .train import Interrupted
 
     try:
         return args.handler(args)
     except ResourceError as err:
         print(f"unmask: {err}", file=sys.stderr)
         return EXIT_RESOURCE
+    except Interrupted as err:
+        print(f"unmask: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FloatingPointError as err:
+        print(f"unmask: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
     except (ValueError, DeltaError, FileNotFoundError, OSError) as err:
         print(f"unmask: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -124,6 +132,17 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML file with any of these options (flags override it)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="write a resumable checkpoint every N steps (always on SIGINT/SIGTERM)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT/checkpoint.pt (same options as the first run)",
+    )
     train.set_defaults(handler=_train)
 
     ev = sub.add_parser("eval", help="evaluate a base model plus a delta on a task")

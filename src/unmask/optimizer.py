@@ -21,6 +21,7 @@ never towards zero, and it never touches an unselected weight.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -63,6 +64,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             all, so a weight unmasked late takes larger first steps). Ignored otherwise.
         score_eps, score_exp: ε and exp of the D3 score |g| / (|θ| + ε)^exp.
         seed: seed of the "random" method.
+        max_nonfinite_steps: a step whose selected or dense gradients hold NaN or inf is
+            skipped (nothing is unmasked or updated, the step counter does not advance, a
+            RuntimeWarning is issued); after more than this many skips in a row, step() raises
+            FloatingPointError.
         **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
@@ -86,6 +91,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         score_eps: float = 1e-3,
         score_exp: float = 1.0,
         seed: int = 0,
+        max_nonfinite_steps: int = 10,
         **optimizer_kwargs: Any,
     ) -> None:
         self.model = model
@@ -150,6 +156,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
         self.steps_done = 0
         self.num_updates = 0
+        self.num_skipped_steps = 0
+        self.consecutive_skips = 0
+        if max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.calibrated = not self.method.needs_calibration
         if kind == "static" and self.calibrated:
             self._assign(
@@ -217,13 +228,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 f"method {self.method.name!r} chooses its mask from calibration batches: call "
                 "opt.calibrate(batches) before the first step"
             )
+        if not self._gradients_finite():
+            self._skip_step()
+            return loss
+        self.consecutive_skips = 0
+        gathered_for = self._layout
         kind = self.method.kind
         if kind == "increment" and self._n < self.budget:
             self._unmask(self.steps_done)
         elif kind == "repeat":
             self._reselect()
         if self._layout:
-            self._gather_grads()
+            if self._layout is not gathered_for:  # new weights were unmasked
+                self._gather_grads()
             saved = self._delta.clone() if self._active is not None else None
             self._sparse.step()
             if saved is not None:
@@ -236,6 +253,36 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         )
         self.steps_done += 1
         return loss
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient that would enter the weights or the optimizer state is finite.
+
+        Only selected weights and dense parameters are checked (O(B) plus the dense size):
+        weights chosen this step are finite by construction, since non-finite scores are never
+        selected.
+        """
+        if self._layout:
+            self._gather_grads()
+            if not bool(torch.isfinite(self._delta.grad).all()):
+                return False
+        return all(
+            bool(torch.isfinite(p.grad).all()) for p in self._dense_params if p.grad is not None
+        )
+
+    def _skip_step(self) -> None:
+        self.num_skipped_steps += 1
+        self.consecutive_skips += 1
+        message = (
+            f"step {self.steps_done}: non-finite gradient in a selected or dense weight; the step "
+            f"was skipped ({self.consecutive_skips} in a row, {self.num_skipped_steps} in all)"
+        )
+        if self.consecutive_skips > self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{message}; more than max_nonfinite_steps={self.max_nonfinite_steps} in a row, "
+                "so training stops: lower the learning rate, check the data for bad examples, or "
+                "resume from the last checkpoint"
+            )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of every candidate and dense parameter of the model."""
@@ -444,6 +491,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """Weights whose value may differ from the pretrained model (what the delta stores)."""
         return self._n + sum(p.numel() for p in self._dense_params)
 
+    @property
+    def dense_names(self) -> list[str]:
+        """Parameters trained whole by the wrapped optimizer (a new head; all, for `full`)."""
+        return list(self._dense_names)
+
     def selected(self) -> dict[str, Tensor]:
         """Per candidate tensor, the ascending flat indices of its selected weights (int64)."""
         return {self._names[i]: local.clone() for i, _, local in self._layout}
@@ -509,6 +561,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 "num_slots": n,
                 "steps_done": self.steps_done,
                 "num_updates": self.num_updates,
+                "num_skipped_steps": self.num_skipped_steps,
                 "calibrated": self.calibrated,
             },
             "index": self._index[:n].clone(),
@@ -562,6 +615,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._link_param_groups()
         self.steps_done = meta["steps_done"]
         self.num_updates = meta["num_updates"]
+        self.num_skipped_steps = meta.get("num_skipped_steps", 0)
         self.calibrated = meta["calibrated"]
         self._rebuild_layout()
         with torch.no_grad():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 
 from . import resources
 from .delta import SparseDelta
-from .files import atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .optimizer import SelectiveOptimizer
 from .tasks import Task, load_task
 
@@ -54,6 +56,8 @@ class TrainConfig:
     answer_column: str = "answer"
     max_new_tokens: int = 8
     progress: bool = True
+    save_every: int = 0
+    resume: bool = False
 
 
 def resolve_model(name: str) -> str:
@@ -204,9 +208,17 @@ def run(config: TrainConfig) -> dict[str, Any]:
             for idx in order[:8]
         )
     log_path = output / "train_log.jsonl"
+    checkpoint = output / CHECKPOINT_FILE
+    first = _resume(checkpoint, model, opt, log_path) if config.resume else 0
     started = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log, _progress(total, config.progress) as bar:
-        for step, idx in enumerate(order):
+    mode = "a" if first else "w"
+    with (
+        open(log_path, mode, encoding="utf-8") as log,
+        _progress(total, config.progress, first) as bar,
+        _StopOnSignal() as stop,
+    ):
+        for step in range(first, total):
+            idx = order[step]
             batch = encode(tokenizer, task, [task.train[i] for i in idx], config.max_length)
             loss = model(**batch).loss
             loss.backward()
@@ -219,8 +231,17 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 "scheduled": opt.schedule.cumulative(step, opt.budget, total),
             }
             log.write(json.dumps(record) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{record['loss']:.4f}", selected=opt.num_selected)
             bar.update(1)
+            done = step + 1
+            if stop.signal is not None or (config.save_every and done % config.save_every == 0):
+                _save_checkpoint(checkpoint, model, opt, done)
+            if stop.signal is not None and done < total:
+                raise Interrupted(
+                    f"stopped by {stop.signal} after step {done} of {total}; checkpoint "
+                    f"written to {checkpoint}; continue with the same command plus --resume"
+                )
     train_seconds = time.perf_counter() - started
     split = task.test if config.eval_split == "test" else task.validation
     metric = evaluate(
@@ -262,6 +283,71 @@ def run(config: TrainConfig) -> dict[str, Any]:
     return report
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a resumable checkpoint."""
+
+
+def _save_checkpoint(path: Path, model, opt: SelectiveOptimizer, done: int) -> None:
+    """Optimizer state, dense parameters, RNG and step count; written atomically.
+
+    Sparse weights are restored by the optimizer state; dense ones (a new head) are stored.
+    """
+    dense = {n: p.detach().clone() for n, p in model.named_parameters() if n in opt.dense_names}
+    state = {
+        "step": done,
+        "optimizer": opt.state_dict(),
+        "dense": dense,
+        "torch_rng": torch.get_rng_state(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _resume(path: Path, model, opt: SelectiveOptimizer, log_path: Path) -> int:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume")
+    state = torch.load(path, weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["dense"].items():
+            params[name].copy_(value)
+    torch.set_rng_state(state["torch_rng"])
+    done = int(state["step"])
+    if log_path.is_file():
+        kept = [
+            line
+            for line in log_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] < done
+        ]
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    return done
+
+
+class _StopOnSignal:
+    """Turns SIGINT/SIGTERM into a flag checked after each step, so a step is never cut short."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def load_delta_model(model_name: str, delta_dir: str, task: Task):
     """The base model with a saved delta applied, and its tokenizer."""
     model, tokenizer = load_model(model_name, task)
@@ -294,9 +380,9 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
