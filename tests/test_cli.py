@@ -176,6 +176,18 @@ def test_bad_input_exits_2_with_message(argv, message, capsys, tmp_path, monkeyp
     assert message in capsys.readouterr().err
 
 
+def test_yaml_config(tiny_model_dir, tiny_csv, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\ntask: {tiny_csv}\ntext-column: sentence\n"
+        "label-column: sentiment\nmethod: random\nbudget: 3%\nsteps: 2\n"
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--output", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["method"] == "random" and report["config"]["budget"] == "3%"
+
+
 def test_unknown_config_key(tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "bad.toml"
     config.write_text("lerning_rate = 0.1\n")

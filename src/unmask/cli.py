@@ -230,12 +230,20 @@ def _train(args: argparse.Namespace) -> int:
 def _read_config(path: Path, names: set[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    try:
-        import tomllib
-    except ImportError as err:  # Python 3.10
-        raise ValueError("--config needs Python 3.11 or newer (tomllib)") from err
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml  # PyYAML comes with transformers
+
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            import tomllib
+        except ImportError as err:  # Python 3.10
+            raise ValueError("TOML configs need Python 3.11 or newer; use YAML") from err
+        data = tomllib.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {unknown}; valid: {sorted(names)}")
