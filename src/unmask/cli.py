@@ -263,6 +263,12 @@ def _eval(args: argparse.Namespace) -> int:
         answer_column=args.answer_column,
         eval_size=args.eval_size,
     )
+    trained = SparseDelta.from_pretrained(args.delta).metadata.get("label_names")
+    if task.label_names and trained and task.label_names != trained:
+        raise ValueError(
+            f"this task's label values {task.label_names} differ from the labels it was trained "
+            f"on {trained}; evaluate on data with the same labels"
+        )
     model, tokenizer = load_delta_model(args.model, args.delta, task)
     split = task.test if args.eval_split == "test" else task.validation
     score = evaluate(model, tokenizer, task, split, args.batch_size, args.max_length)

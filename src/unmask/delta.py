@@ -72,6 +72,8 @@ class SparseDelta:
         for name, (indices, values) in self.sparse.items():
             _check_sparse_entry(name, indices, values, self.shapes.get(name))
         for name, values in self.replace.items():
+            if not bool(torch.isfinite(values).all()):
+                raise DeltaError(f"replaced tensor {name}: values contain NaN or infinity")
             if name in self.sparse:
                 raise DeltaError(f"tensor {name} is both sparse and replaced")
             if tuple(values.shape) != tuple(self.shapes.get(name, ())):
@@ -211,6 +213,11 @@ class SparseDelta:
                     f"{self.metadata.get('base_model')!r}"
                 )
             p = available[name]
+            if p.is_meta:
+                raise DeltaError(
+                    f"parameter {name} is on the meta device (its weights are not loaded); load "
+                    "or materialise the model's weights (e.g. model.to('cpu')) before applying"
+                )
             if tuple(p.shape) != tuple(shape):
                 raise DeltaError(
                     f"parameter {name} has shape {tuple(p.shape)}, the delta "
@@ -219,7 +226,7 @@ class SparseDelta:
             if _dtype_name(p.dtype) != self.dtypes[name]:
                 raise DeltaError(
                     f"parameter {name} is {_dtype_name(p.dtype)}, the delta was trained in "
-                    f"{self.dtypes[name]}; load the model with torch_dtype={self.dtypes[name]}"
+                    f"{self.dtypes[name]}; load the model with dtype={self.dtypes[name]}"
                 )
             params[name] = p
         return params

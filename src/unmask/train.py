@@ -61,8 +61,19 @@ class TrainConfig:
 
 
 def resolve_model(name: str) -> str:
-    """A model alias ("minilm", "smollm2") becomes its cached local folder; others pass through."""
-    return str(MODEL_ALIASES[name]()) if name in MODEL_ALIASES else name
+    """A model alias ("minilm", "smollm2") becomes its cached local folder; others pass through.
+
+    A name that is clearly a path (absolute, or starting with . or ~) must exist.
+    """
+    if name in MODEL_ALIASES:
+        return str(MODEL_ALIASES[name]())
+    path = Path(name).expanduser()
+    if not path.exists() and (path.is_absolute() or name.startswith((".", "~"))):
+        raise FileNotFoundError(
+            f"model folder {name} not found; give a local folder, 'minilm', 'smollm2', or a "
+            "Hugging Face hub name"
+        )
+    return name
 
 
 def load_model(name: str, task: Task):
@@ -166,6 +177,7 @@ def evaluate(
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and write `config.output`/{delta/, train_log.jsonl, report.json}."""
+    _check_config(config)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     output = Path(config.output)
@@ -185,7 +197,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     model, tokenizer = load_model(config.model, task)
     model.train()
     per_epoch = math.ceil(len(task.train) / config.batch_size)
-    total = config.steps or max(1, round(config.epochs * per_epoch))
+    total = config.steps if config.steps is not None else max(1, round(config.epochs * per_epoch))
     budget = None if config.method in ("bitfit", "full") else config.budget
     opt = SelectiveOptimizer(
         model,
@@ -284,6 +296,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _check_config(config: TrainConfig) -> None:
+    if config.steps is not None and config.steps < 1:
+        raise ValueError(f"--steps must be a positive integer, got {config.steps}")
+    if not config.epochs > 0:
+        raise ValueError(f"--epochs must be positive, got {config.epochs}")
+    if config.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {config.batch_size}")
 
 
 class Interrupted(Exception):
