@@ -827,7 +827,7 @@ def test_failed_save_keeps_the_previous_delta(bert_dense, bert_sparse, tmp_path,
         assert torch.equal(loaded.sparse[name][1], values)
 
 
-def test_save_interrupted_between_the_two_renames_is_detected(
+def test_save_interrupted_between_the_two_renames_keeps_the_previous_delta(
     bert_dense, bert_sparse, tmp_path, monkeypatch
 ):
     folder = tmp_path / "d"
@@ -839,7 +839,11 @@ def test_save_interrupted_between_the_two_renames_is_detected(
     monkeypatch.setattr(unmask.delta, "atomic_write_text", crash)
     with pytest.raises(OSError, match="power cut"):
         bert_sparse[1].save_pretrained(folder)
-    # New tensors file, old config: refused rather than paired up.
+    # New tensors file, old config: the kept copy of the old tensors pairs with the old config.
+    loaded = load(folder)
+    assert loaded.num_weights == bert_dense[1].num_weights and loaded.replace
+    # Without that copy the mismatch is refused rather than paired up.
+    (folder / unmask.delta.PREVIOUS_TENSORS_FILE).unlink()
     with pytest.raises(DeltaError, match=r"sha256 differs"):
         load(folder)
 
@@ -852,3 +856,41 @@ def test_save_overwrites_an_existing_delta(bert_dense, bert_sparse, tmp_path):
     loaded = load(folder)
     assert not loaded.replace
     assert loaded.num_weights == bert_sparse[1].num_weights
+
+
+_SAVE_LOOP = """
+import sys, torch
+from unmask import SparseDelta
+def make(value):
+    idx = torch.arange(0, 20000, 2, dtype=torch.int32)
+    return SparseDelta(sparse={"w": (idx, torch.full((10000,), value))}, replace={},
+                       shapes={"w": (20000,)}, dtypes={"w": "float32"}, base_hashes={"w": "0"},
+                       metadata={"value": value})
+deltas = [make(1.0), make(2.0)]
+i = 0
+while True:
+    deltas[i % 2].save_pretrained(sys.argv[1])
+    i += 1
+    if i == 1:
+        print("saved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.5])
+def test_killed_save_leaves_a_loadable_delta(tmp_path, delay):
+    """SIGKILL a process that saves deltas in a loop: the folder always loads, old or new."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(folder)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"saved"
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    loaded = SparseDelta.from_pretrained(folder)
+    value = loaded.metadata["value"]
+    assert value in (1.0, 2.0)
+    assert torch.equal(loaded.sparse["w"][1], torch.full((10000,), value))

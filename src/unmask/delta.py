@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from .files import atomic_write, atomic_write_text, file_sha256
 
 TENSORS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
+PREVIOUS_TENSORS_FILE = ".delta.safetensors.previous"
 FORMAT = "unmask.SparseDelta"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -249,8 +251,8 @@ class SparseDelta:
         """Write delta.safetensors and delta_config.json into `directory` (created if missing).
 
         Each file is written to a temporary file and renamed into place; the config, renamed
-        last, records the tensors file's sha256, so a save interrupted between the two renames
-        is detected on load instead of pairing mismatched files.
+        last, records the tensors file's sha256. Until it lands, a copy of the previous tensors
+        file is kept, so a save interrupted at any point leaves the previous delta loadable.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -269,7 +271,16 @@ class SparseDelta:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
             digest["sha256"] = file_sha256(tmp)
 
-        atomic_write(directory / TENSORS_FILE, write_tensors)
+        tensors_path, previous = directory / TENSORS_FILE, directory / PREVIOUS_TENSORS_FILE
+        if tensors_path.is_file() and (directory / CONFIG_FILE).is_file():
+            # Keep the old tensors until the new config lands: a save cut between the two
+            # renames then still leaves a loadable (old) delta.
+            atomic_write(previous, lambda tmp: shutil.copyfile(tensors_path, tmp))
+        try:
+            atomic_write(tensors_path, write_tensors)
+        except BaseException:
+            previous.unlink(missing_ok=True)  # the old tensors file was never replaced
+            raise
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -279,6 +290,7 @@ class SparseDelta:
             "metadata": self.metadata,
         }
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True))
+        previous.unlink(missing_ok=True)
 
     def _entry(self, name: str, kind: str, count: int) -> dict[str, Any]:
         return {
@@ -308,6 +320,10 @@ class SparseDelta:
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise DeltaError(f"{config_path} is not valid JSON: {err}") from err
         entries = _check_config(config, config_path)
+        previous = directory / PREVIOUS_TENSORS_FILE
+        if file_sha256(tensors_path) != config["tensors_sha256"]:
+            if previous.is_file() and file_sha256(previous) == config["tensors_sha256"]:
+                tensors_path = previous  # a save was cut short: the previous delta is intact
         if file_sha256(tensors_path) != config["tensors_sha256"]:
             raise DeltaError(
                 f"{tensors_path} does not match its config (sha256 differs): the "
