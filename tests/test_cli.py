@@ -354,3 +354,39 @@ def test_sigterm_writes_checkpoint_and_resume_matches_uninterrupted(
         assert torch.equal(value, b.replace[name])
     lines = (interrupted / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(100))
+
+
+def test_persistent_nonfinite_gradients_stop_with_exit_4(
+    tiny_model_dir, tiny_csv, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            str(tiny_csv),
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "sentiment",
+            "--budget",
+            "5%",
+            "--steps",
+            "40",
+            "--lr",
+            "1e30",
+            "--save-every",
+            "1",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 4
+    assert "max_nonfinite_steps" in capsys.readouterr().err
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = checkpoint["optimizer"]
+    assert torch.isfinite(state["delta"]).all() and torch.isfinite(state["base"]).all()
+    assert all(torch.isfinite(v).all() for v in checkpoint["dense"].values())
