@@ -609,3 +609,25 @@ def test_nonfinite_dense_gradient_is_skipped():
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
     assert torch.equal(model.classifier.weight, head) and opt.num_selected == 0
+
+
+@pytest.mark.parametrize("method", ["pafi", "id3"])
+def test_freeze_unselected_skips_gradients_without_changing_results(method):
+    steps, batches = 5, make_batches("bert", 7)
+    results = []
+    for freeze in (False, True):
+        model = tiny_bert()
+        opt = SelectiveOptimizer(
+            model, method=method, budget=60, total_steps=steps, lr=1e-2, freeze_unselected=freeze
+        )
+        _train(model, opt, batches)
+        holding = set(opt.selected())
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        if freeze:
+            assert frozen and frozen == {n for n, _ in model.named_parameters()} - holding
+            assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+        else:
+            assert not frozen
+        results.append(snapshot(model))
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name

@@ -68,6 +68,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             skipped (nothing is unmasked or updated, the step counter does not advance, a
             RuntimeWarning is issued); after more than this many skips in a row, step() raises
             FloatingPointError.
+        freeze_unselected: once the selection is final (static methods from the start,
+            increment methods after their last unmask), set requires_grad=False on candidate
+            tensors that hold no selected weight, so backward stops computing their gradients.
         **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
@@ -92,6 +95,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         score_exp: float = 1.0,
         seed: int = 0,
         max_nonfinite_steps: int = 10,
+        freeze_unselected: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
         self.model = model
@@ -170,6 +174,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         elif kind == "all":
             self._assign(torch.arange(self.budget, device=device))
+        self.freeze_unselected = freeze_unselected
+        self._freeze_if_final()
 
     # ------------------------------------------------------------------ budget and inner optimizers
 
@@ -236,6 +242,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         kind = self.method.kind
         if kind == "increment" and self._n < self.budget:
             self._unmask(self.steps_done)
+            self._freeze_if_final()
         elif kind == "repeat":
             self._reselect()
         if self._layout:
@@ -253,6 +260,16 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         )
         self.steps_done += 1
         return loss
+
+    def _freeze_if_final(self) -> None:
+        if not self.freeze_unselected or not self.calibrated:
+            return
+        kind = self.method.kind
+        if kind in ("static", "all") or (kind == "increment" and self._n >= self.budget):
+            holding = {i for i, _, _ in self._touched}
+            for i, p in enumerate(self._params):
+                if i not in holding:
+                    p.requires_grad_(False)
 
     def _gradients_finite(self) -> bool:
         """Whether every gradient that would enter the weights or the optimizer state is finite.
@@ -474,6 +491,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         )
         self.calibrated = True
+        self._freeze_if_final()
 
     # ------------------------------------------------------------------ inspection
 
@@ -620,6 +638,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._rebuild_layout()
         with torch.no_grad():
             self._write_back(self._touched)
+        self._freeze_if_final()
 
 
 def _make_inner(
