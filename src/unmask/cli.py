@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +208,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.config is not None:
         values.update(_read_config(args.config, names))
     given = {k: v for k, v in vars(args).items() if k in names}
-    defaults = {k: v for k, v in vars(_parser().parse_args(["train"])).items() if k in names}
+    defaults = asdict(TrainConfig())  # the parser's defaults are TrainConfig's
     # Flags override the config file only where they differ from their defaults.
     values.update({k: v for k, v in given.items() if k not in values or v != defaults[k]})
     values["progress"] = not args.no_progress
@@ -251,25 +251,18 @@ def _read_config(path: Path, names: set[str]) -> dict[str, Any]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .tasks import load_task
-    from .train import evaluate, load_delta_model
+    from .train import evaluate, load_model, load_task_for
 
-    task = load_task(
-        args.task,
-        seed=args.seed,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        prompt_column=args.prompt_column,
-        answer_column=args.answer_column,
-        eval_size=args.eval_size,
-    )
-    trained = SparseDelta.from_pretrained(args.delta).metadata.get("label_names")
+    task = load_task_for(args)
+    delta = SparseDelta.from_pretrained(args.delta)
+    trained = delta.metadata.get("label_names")
     if task.label_names and trained and task.label_names != trained:
         raise ValueError(
             f"this task's label values {task.label_names} differ from the labels it was trained "
             f"on {trained}; evaluate on data with the same labels"
         )
-    model, tokenizer = load_delta_model(args.model, args.delta, task)
+    model, tokenizer = load_model(args.model, task)
+    delta.apply_(model)
     split = task.test if args.eval_split == "test" else task.validation
     score = evaluate(model, tokenizer, task, split, args.batch_size, args.max_length)
     print(

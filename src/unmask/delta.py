@@ -321,14 +321,14 @@ class SparseDelta:
             raise DeltaError(f"{config_path} is not valid JSON: {err}") from err
         entries = _check_config(config, config_path)
         previous = directory / PREVIOUS_TENSORS_FILE
-        if file_sha256(tensors_path) != config["tensors_sha256"]:
-            if previous.is_file() and file_sha256(previous) == config["tensors_sha256"]:
-                tensors_path = previous  # a save was cut short: the previous delta is intact
-        if file_sha256(tensors_path) != config["tensors_sha256"]:
-            raise DeltaError(
-                f"{tensors_path} does not match its config (sha256 differs): the "
-                "files are corrupted or from different saves"
-            )
+        expected = config["tensors_sha256"]
+        if file_sha256(tensors_path) != expected:
+            if not (previous.is_file() and file_sha256(previous) == expected):
+                raise DeltaError(
+                    f"{tensors_path} does not match its config (sha256 differs): the "
+                    "files are corrupted or from different saves"
+                )
+            tensors_path = previous  # a save was cut short: the previous delta is intact
         try:
             tensors = load_file(str(tensors_path))
         except Exception as err:  # safetensors raises several types for malformed files

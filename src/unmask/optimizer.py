@@ -115,6 +115,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._params = [p for _, p in cands.sparse]
         self._dense_names = [n for n, _ in cands.dense]
         self._dense_params = [p for _, p in cands.dense]
+        self._dense_numel = cands.dense_numel
         self.budget = self._sparse_budget(
             budget, cands.sparse_numel, cands.dense_numel, dense_in_budget
         )
@@ -256,7 +257,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if self._dense is not None:
             self._dense.step()
         self.num_updates += self.num_selected + (
-            sum(p.numel() for p in self._dense_params) if self.method.kind != "dense" else 0
+            self._dense_numel if self.method.kind != "dense" else 0
         )
         self.steps_done += 1
         return loss
@@ -499,7 +500,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def num_selected(self) -> int:
         """Weights currently selected for training (all weights, for `full`)."""
         if self.method.kind == "dense":
-            return sum(p.numel() for p in self._dense_params)
+            return self._dense_numel
         if self._active is not None:
             return int(self._active.sum())
         return self._n
@@ -507,7 +508,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     @property
     def num_changed(self) -> int:
         """Weights whose value may differ from the pretrained model (what the delta stores)."""
-        return self._n + sum(p.numel() for p in self._dense_params)
+        return self._n + self._dense_numel
 
     @property
     def dense_names(self) -> list[str]:

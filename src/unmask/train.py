@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from . import resources
-from .delta import SparseDelta
 from .files import atomic_write, atomic_write_text
 from .optimizer import SelectiveOptimizer
 from .tasks import Task, load_task
@@ -74,6 +73,20 @@ def resolve_model(name: str) -> str:
             "Hugging Face hub name"
         )
     return name
+
+
+def load_task_for(options: Any) -> Task:
+    """`load_task` with the task, seed, column and size options of a TrainConfig or CLI args."""
+    return load_task(
+        options.task,
+        seed=options.seed,
+        text_column=options.text_column,
+        label_column=options.label_column,
+        prompt_column=options.prompt_column,
+        answer_column=options.answer_column,
+        train_size=getattr(options, "train_size", None),
+        eval_size=options.eval_size,
+    )
 
 
 def load_model(name: str, task: Task):
@@ -182,16 +195,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     random.seed(config.seed)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    task = load_task(
-        config.task,
-        seed=config.seed,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        prompt_column=config.prompt_column,
-        answer_column=config.answer_column,
-        train_size=config.train_size,
-        eval_size=config.eval_size,
-    )
+    task = load_task_for(config)
     if not task.train:
         raise ValueError(f"task {config.task!r} has no training examples")
     model, tokenizer = load_model(config.model, task)
@@ -369,13 +373,6 @@ class _StopOnSignal:
         return False
 
 
-def load_delta_model(model_name: str, delta_dir: str, task: Task):
-    """The base model with a saved delta applied, and its tokenizer."""
-    model, tokenizer = load_model(model_name, task)
-    SparseDelta.from_pretrained(delta_dir).apply_(model)
-    return model, tokenizer
-
-
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     """Index batches for `steps` steps, reshuffling the examples every epoch."""
     rng = random.Random(seed)
@@ -387,23 +384,14 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     return out[:steps]
 
 
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def update(self, n):
-        pass
-
-
 def _progress(total: int, enabled: bool, initial: int = 0):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not enabled,
+    )
