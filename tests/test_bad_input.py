@@ -18,14 +18,11 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
+from conftest import WORDS, tiny_bert, tiny_llama
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizerFast
 
 from unmask import METHODS, DeltaError, SelectiveOptimizer, SparseDelta
 from unmask.cli import EXIT_USAGE, main
-
-WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was"]
 
 
 def assert_clear(message: str, what: str, fix: str) -> None:
@@ -280,30 +277,8 @@ def test_delta_config_over_the_size_limit(trained, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI (in process)
-# Fixtures copied from tests/test_cli.py: a tiny BERT backbone saved as a pretrained folder and a
-# tiny sentiment CSV with non-default column names.
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = AutoModelForSequenceClassification.from_config(config)
-    model.bert.save_pretrained(folder)
-    return folder
+# `tiny_model_dir` (conftest.py) is a tiny BERT backbone saved as a pretrained folder; the CSV
+# written here has non-default column names.
 
 
 def write_reviews(path, labels=("neg", "pos"), rows=120, header=("sentence", "sentiment")):

@@ -8,36 +8,12 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizerFast
+from conftest import WORDS
 from transformers import BertForSequenceClassification as Bert
+from transformers import BertTokenizerFast
 
 from unmask import SparseDelta
 from unmask.cli import EXIT_USAGE, main
-
-WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = AutoModelForSequenceClassification.from_config(config)
-    # Save only the backbone, as a pretrained checkpoint: the head is created at load time.
-    model.bert.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_every_method_changes_only_what_it_selected(method, model_kind):
             assert set(where.tolist()) <= allowed, f"{method}: {name} changed outside its delta"
         kind = opt.method.kind
         if kind in ("increment", "static", "all"):
-            assert opt.num_changed <= max(opt.budget, 1) or kind == "dense"
+            assert opt.num_changed <= max(opt.budget, 1)
             for name, idx in previous.items():  # the mask only grows
                 assert idx <= selected.get(name, set())
         if kind == "increment":
@@ -77,7 +77,8 @@ def test_every_method_changes_only_what_it_selected(method, model_kind):
         if kind == "repeat":
             assert opt.num_selected <= opt.budget
         previous = selected
-    assert sum(p.numel() for p in model.parameters()) > opt.num_changed or method == "full"
+    if method != "full":
+        assert sum(p.numel() for p in model.parameters()) > opt.num_changed
 
 
 def test_update_count_matches_schedule_formula():
@@ -249,7 +250,8 @@ def test_resume_equals_uninterrupted(method, tmp_path):
     steps, cut = 8, 3
     batches = make_batches("bert", steps)
     kwargs = dict(method=method, lr=1e-2, weight_decay=0.01, **_method_kwargs(method))
-    kwargs.update(total_steps=steps) if method not in ("bitfit",) else None
+    if method != "bitfit":
+        kwargs["total_steps"] = steps
 
     def start():
         model = tiny_bert()
@@ -411,9 +413,8 @@ def test_per_weight_equals_torch_adamw_when_all_start_together():
 
 
 def test_state_scales_with_budget_not_model_size():
-    small, large = tiny_bert(), MODELS["bert"]()
-    with torch.no_grad():
-        large = torch.nn.Sequential(small, torch.nn.Linear(512, 512))
+    small = tiny_bert()
+    large = torch.nn.Sequential(small, torch.nn.Linear(512, 512))
     sizes = []
     for model in (small, large):
         opt = SelectiveOptimizer(model, method="id3", budget=1000, total_steps=4)
