@@ -217,7 +217,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         schedule=config.schedule,
         seed=config.seed,
     )
-    order = _batches(len(task.train), config.batch_size, total, config.seed)
+    order = batch_order(len(task.train), config.batch_size, total, config.seed)
     if opt.method.needs_calibration:
         opt.calibrate(
             encode(tokenizer, task, [task.train[i] for i in idx], config.max_length)
@@ -373,8 +373,8 @@ class _StopOnSignal:
         return False
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Index batches for `steps` steps, reshuffling the examples every epoch."""
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Example indices of each of `steps` batches; the examples are reshuffled every epoch."""
     rng = random.Random(seed)
     out: list[list[int]] = []
     while len(out) < steps:

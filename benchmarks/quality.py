@@ -1,0 +1,599 @@
+"""Quality benchmark: ID3 against every baseline, over task x method x budget x seed.
+
+    .venv/bin/python -m benchmarks.quality run       # the full grid, resumable
+    .venv/bin/python -m benchmarks.quality report    # markdown table + PNG plots from the records
+    .venv/bin/python -m benchmarks.quality run --grid smoke --out /tmp/q   # tiny, < 1 min
+
+Each cell (one training run) writes one JSON record to OUT/records/<cell id>.json; `run` skips
+cells whose record exists, so it resumes where it stopped. Cells run one after another, each in
+a fresh subprocess (so that its peak RSS is its own), in priority order: learning-rate tuning on
+the validation split, then seed 0 of every method, then the ablations, then more seeds.
+
+Learning rates: every method gets the same search, three rates (its own range, a factor of
+about 3 apart), on sentence polarity's validation split, seed 0, budget 0.1%; the best rate is
+then used for every task, budget and seed of that method. The test split is never used to choose
+anything. Decoder methods are tuned the same way on addition's validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path("benchmarks/results/quality")
+
+ENCODER_METHODS = (
+    "full",
+    "head-only",
+    "lora",
+    "bitfit",
+    "pafi",
+    "random",
+    "fish",
+    "id3",
+    "id3-repeat",
+    "increment-pafi",
+    "id3+lora",
+    "pafi+lora",
+)
+DECODER_METHODS = ("lora", "id3", "pafi", "id3+lora", "pafi+lora")
+# Methods that train a fixed set of weights, whatever the budget.
+FIXED_SIZE = ("full", "head-only", "lora", "bitfit")
+# Learning-rate search per method: three rates around each family's usual range.
+LR_SEARCH = {
+    "full": (3e-5, 1e-4, 3e-4),
+    "head-only": (1e-3, 3e-3, 1e-2),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "bitfit": (1e-3, 3e-3, 1e-2),
+    "id3+lora": (1e-3, 3e-3, 1e-2),
+    "pafi+lora": (1e-3, 3e-3, 1e-2),
+}
+SPARSE_LRS = (3e-4, 1e-3, 3e-3)
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "eps=0.1": {"score_eps": 0.1},
+    "eps=1": {"score_eps": 1.0},
+    "exp=0": {"score_exp": 0.0},
+    "exp=2": {"score_exp": 2.0},
+    "adam-step=global": {"adam_step": "global"},
+    "schedule=linear-decay": {"schedule": "linear-decay"},
+}
+LORA_RANK = 8
+LORA_TARGETS = ("query", "value", "q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one model family is trained: the same for every method and budget."""
+
+    model: str
+    train_size: int
+    steps: int
+    batch_size: int
+    max_length: int
+    eval_size: int | None
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run. `lr` None means: the tuned rate of (setting, method)."""
+
+    phase: str
+    setting: str
+    task: str
+    method: str
+    budget: str | None
+    seed: int
+    split: str
+    lr: float | None = None
+    ablation: str | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [
+            self.phase,
+            Path(self.task).stem,
+            self.method.replace("+", "-plus-"),
+            f"s{self.seed}",
+        ]
+        if self.budget:
+            parts.append("b" + self.budget.replace("%", "pct").replace("/", "div"))
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        if self.ablation:
+            parts.append(self.ablation.replace("=", "-"))
+        return "_".join(parts)
+
+
+@dataclass
+class Grid:
+    settings: dict[str, Setting]
+    cells: list[Cell] = field(default_factory=list)
+
+
+def lrs_for(method: str) -> tuple[float, ...]:
+    return LR_SEARCH.get(method, SPARSE_LRS)
+
+
+def _budgets(method: str, budgets: tuple[str, ...], lora_budgets: tuple[str, ...]):
+    if method in FIXED_SIZE:
+        return (None,)
+    return lora_budgets if method.endswith("+lora") else budgets
+
+
+def full_grid() -> Grid:
+    """The committed grid, in the order it runs (most informative cells first)."""
+    settings = {
+        "encoder": Setting(
+            "minilm", train_size=1600, steps=100, batch_size=16, max_length=64, eval_size=None
+        ),
+        "decoder": Setting(
+            "smollm2", train_size=960, steps=60, batch_size=16, max_length=32, eval_size=200
+        ),
+    }
+    enc_budgets, enc_lora = ("0.03%", "0.1%", "lora"), ("0.03%", "0.1%")
+    dec_budgets, dec_lora = ("lora/4", "lora"), ("lora/4",)
+    tune = [
+        Cell(
+            "tune",
+            "encoder",
+            "polarity",
+            m,
+            None if m in FIXED_SIZE else "0.1%",
+            0,
+            "validation",
+            lr,
+        )
+        for m in ENCODER_METHODS
+        for lr in lrs_for(m)
+    ]
+
+    def main(task: str, seed: int, methods=ENCODER_METHODS, setting="encoder") -> list[Cell]:
+        budgets, lora = (enc_budgets, enc_lora) if setting == "encoder" else (dec_budgets, dec_lora)
+        return [
+            Cell("main", setting, task, m, b, seed, "test")
+            for m in methods
+            for b in _budgets(m, budgets, lora)
+        ]
+
+    def ablations(seed: int) -> list[Cell]:
+        return [
+            Cell("ablation", "encoder", "polarity", "id3", "0.1%", seed, "test", ablation=a)
+            for a in ABLATIONS
+        ]
+
+    dec_tune = [
+        Cell(
+            "tune",
+            "decoder",
+            "addition",
+            m,
+            None if m in FIXED_SIZE else "lora/4",
+            0,
+            "validation",
+            lr,
+        )
+        for m in DECODER_METHODS
+        for lr in lrs_for(m)
+    ]
+    cells = tune + main("polarity", 0) + ablations(0) + main("uncertainty", 0)
+    for seed in (1, 2):
+        cells += main("polarity", seed) + main("uncertainty", seed) + ablations(seed)
+    cells += dec_tune
+    for seed in (0, 1, 2):
+        for task in ("addition", "plurals"):
+            cells += main(task, seed, DECODER_METHODS, "decoder")
+    return Grid(settings, cells)
+
+
+def smoke_grid(out: Path) -> Grid:
+    """Every encoder method, phase and ablation on a tiny random BERT and a 60-row CSV task."""
+    model_dir, data = _smoke_data(out / "smoke-data")
+    setting = Setting(
+        str(model_dir), train_size=40, steps=4, batch_size=4, max_length=16, eval_size=None
+    )
+    budgets = ("1%", "5%", "lora")
+    cells = [
+        Cell("tune", "encoder", data, m, None if m in FIXED_SIZE else "5%", 0, "validation", lr)
+        for m in ENCODER_METHODS
+        for lr in lrs_for(m)[:2]
+    ]
+    cells += [
+        Cell("main", "encoder", data, m, b, 0, "test")
+        for m in ENCODER_METHODS
+        for b in _budgets(m, budgets, budgets[:2])
+    ]
+    cells += [
+        Cell("ablation", "encoder", data, "id3", "5%", 0, "test", ablation=a) for a in ABLATIONS
+    ]
+    return Grid({"encoder": setting}, cells)
+
+
+def _smoke_data(folder: Path) -> tuple[Path, str]:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    model_dir, csv = folder / "model", folder / "sentiment.csv"
+    if csv.is_file():
+        return model_dir, str(csv)
+    words = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very"]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    BertForSequenceClassification(config).bert.save_pretrained(model_dir)
+    rows = ["label,text"]
+    for i in range(60):
+        good = i % 2 == 0
+        adjective = words[(i // 2) % 3] if good else words[3 + (i // 2) % 3]
+        rows.append(
+            f"{'positive' if good else 'negative'},the movie was {'very ' * (i % 3)}{adjective}"
+        )
+    from unmask.files import atomic_write_text
+
+    atomic_write_text(csv, "\n".join(rows) + "\n")
+    return model_dir, str(csv)
+
+
+# ---------------------------------------------------------------------------------- one cell
+
+
+def run_cell(cell: Cell, setting: Setting, tuned_lr: float | None) -> dict[str, Any]:
+    """Train and evaluate one cell; returns its record. Imports torch (call in a child)."""
+    import resource
+    import tempfile
+
+    import torch
+
+    import unmask
+    from unmask.tasks import load_task
+    from unmask.train import batch_order, encode, evaluate, load_model
+
+    lr = cell.lr if cell.lr is not None else tuned_lr
+    if lr is None:
+        raise ValueError(f"cell {cell.id} has no learning rate: run the tuning cells first")
+    task = load_task(cell.task, seed=0, train_size=setting.train_size, eval_size=setting.eval_size)
+    torch.manual_seed(cell.seed)
+    model, tokenizer = load_model(setting.model, task)
+    model.train()
+    total_weights = sum(p.numel() for p in model.parameters())
+    trainer = _Trainer(cell, model, lr, setting.steps, total_weights)
+    order = batch_order(len(task.train), setting.batch_size, setting.steps, cell.seed)
+
+    def batch(idx: list[int]) -> dict:
+        return encode(tokenizer, task, [task.train[i] for i in idx], setting.max_length)
+
+    started = time.perf_counter()
+    if trainer.selective is not None and trainer.selective.method.needs_calibration:
+        trainer.selective.calibrate(batch(idx) for idx in order[:8])
+    step_times, losses = [], []
+    for idx in order:
+        inputs = batch(idx)
+        t0 = time.perf_counter()
+        loss = trainer.model(**inputs).loss
+        loss.backward()
+        trainer.opt.step()
+        trainer.opt.zero_grad()
+        step_times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    train_seconds = time.perf_counter() - started
+    examples = task.test if cell.split == "test" else task.validation
+    metric = evaluate(
+        trainer.model,
+        tokenizer,
+        task,
+        examples,
+        setting.batch_size * 4,
+        setting.max_length,
+        setting.max_new_tokens,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        delta_bytes = trainer.save(Path(folder))
+    return {
+        **asdict(cell),
+        "id": cell.id,
+        "lr": lr,
+        "ablation_options": ABLATIONS.get(cell.ablation or "", {}),
+        "training": asdict(setting),
+        "task_sizes": {"train": len(task.train), "eval": len(examples)},
+        "metric": task.metric,
+        "value": metric,
+        "budget_weights": trainer.budget_weights,
+        "weights_changed": trainer.weights_changed,
+        "weights_total": total_weights,
+        "train_loss_last10": statistics.fmean(losses[-10:]),
+        "train_seconds": round(train_seconds, 2),
+        "step_seconds_median": round(statistics.median(step_times), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "delta_bytes": delta_bytes,
+        "allocation": trainer.allocation(),
+        "unmask_version": unmask.__version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "hardware": f"{os.cpu_count()} CPUs ({platform.machine()}, {platform.system()})",
+        "git_commit": _git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def lora_weight_count(model) -> int:
+    """Weights LoRA r8 trains on `model`: A and B of each targeted Linear, plus any new head."""
+    from torch import nn
+
+    from unmask.train import new_head_patterns
+
+    heads = tuple(p.strip("^\\.") + "." for p in new_head_patterns(model))
+    count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS:
+            count += LORA_RANK * (module.in_features + module.out_features)
+    return count
+
+
+def budget_count(spec: str, model, total_weights: int) -> int:
+    """A budget of the grid as a weight count: "0.1%" of the whole model, "lora", "lora/4"."""
+    from unmask import resolve_budget
+
+    if spec.startswith("lora"):
+        lora = lora_weight_count(model)
+        return lora // int(spec.split("/")[1]) if "/" in spec else lora
+    return resolve_budget(spec, total_weights)
+
+
+class _Trainer:
+    """The model to train and its optimizer, built the way `cell.method` needs."""
+
+    def __init__(self, cell: Cell, model, lr: float, steps: int, total_weights: int) -> None:
+        import torch
+
+        from unmask import SelectiveOptimizer
+        from unmask.integrations.peft import peft_candidates
+        from unmask.train import new_head_patterns
+
+        method = cell.method
+        heads = new_head_patterns(model)
+        self.budget_weights = (
+            budget_count(cell.budget, model, total_weights) if cell.budget else None
+        )
+        self.selective: SelectiveOptimizer | None = None
+        if method in ("lora", "id3+lora", "pafi+lora"):
+            model = _with_lora(model, bool(heads))
+        self.model = model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if method == "head-only":
+            if not heads:
+                raise ValueError("head-only needs a model with a new classification head")
+            for name, p in model.named_parameters():
+                p.requires_grad_(any(name.startswith(h.strip("^\\.") + ".") for h in heads))
+            trainable = [p for p in model.parameters() if p.requires_grad]
+        if method in ("lora", "head-only"):
+            self.opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+            self._trained = sum(p.numel() for p in trainable)
+            return
+        options = dict(ABLATIONS.get(cell.ablation or "", {}))
+        kwargs: dict[str, Any] = (
+            peft_candidates(model) if method.endswith("+lora") else {"dense": heads or None}
+        )
+        base_method = method.removesuffix("+lora")
+        self.selective = SelectiveOptimizer(
+            model,
+            method=base_method,
+            budget=self.budget_weights,
+            total_steps=steps,
+            lr=lr,
+            weight_decay=0.0,
+            seed=cell.seed,
+            freeze_unselected=True,
+            **kwargs,
+            **options,
+        )
+        self.opt = self.selective
+
+    @property
+    def weights_changed(self) -> int:
+        """Weights whose value may differ from the pretrained model (adapters: all trained)."""
+        return self._trained if self.selective is None else self.selective.num_changed
+
+    def allocation(self) -> dict[str, int] | None:
+        return None if self.selective is None else self.selective.allocation()
+
+    def save(self, folder: Path) -> int:
+        """Bytes on disk of what this method must store to reproduce the trained model."""
+        if self.selective is not None:
+            self.selective.delta().save_pretrained(folder / "delta")
+            files = (folder / "delta").iterdir()
+        else:
+            from safetensors.torch import save_file
+
+            trained = {
+                n: p.detach().contiguous()
+                for n, p in self.model.named_parameters()
+                if p.requires_grad
+            }
+            save_file(trained, folder / "trained.safetensors")
+            files = [folder / "trained.safetensors"]
+        return sum(f.stat().st_size for f in files)
+
+
+def _with_lora(model, has_head: bool):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    config = LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=2 * LORA_RANK,
+        lora_dropout=0.0,
+        target_modules=sorted(names & set(LORA_TARGETS)),
+        task_type="SEQ_CLS" if has_head else "CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------- the grid
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    folder = out / "records"
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+
+
+def tuned_lrs(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """(setting, method) -> the rate with the best validation metric (ties: the smaller rate)."""
+    best: dict[tuple[str, str], tuple[float, float]] = {}
+    for r in records:
+        if r["phase"] != "tune":
+            continue
+        key = (r["setting"], r["method"])
+        score = (r["value"], -r["lr"])
+        if key not in best or score > (best[key][0], -best[key][1]):
+            best[key] = (r["value"], r["lr"])
+    return {k: lr for k, (_, lr) in best.items()}
+
+
+def _tuning_complete(grid: Grid, records: list[dict], setting: str, method: str) -> bool:
+    done = {r["id"] for r in records}
+    return all(
+        c.id in done
+        for c in grid.cells
+        if c.phase == "tune" and c.setting == setting and c.method == method
+    )
+
+
+def run_grid(grid: Grid, out: Path, in_process: bool, limit: int | None, phases: set | None) -> int:
+    """Run every missing cell; returns the number of cells that failed."""
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    failed = ran = 0
+    for cell in grid.cells:
+        if phases and cell.phase not in phases:
+            continue
+        if (out / "records" / f"{cell.id}.json").is_file():
+            continue
+        if limit is not None and ran >= limit:
+            break
+        records = load_records(out)
+        tuned = None
+        if cell.lr is None:
+            if not _tuning_complete(grid, records, cell.setting, cell.method):
+                print(f"skip {cell.id}: its learning-rate tuning is not finished", flush=True)
+                continue
+            tuned = tuned_lrs(records)[(cell.setting, cell.method)]
+        ran += 1
+        print(f"[{ran}] {cell.id} ...", flush=True)
+        started = time.perf_counter()
+        ok = _run_one(cell, grid.settings[cell.setting], tuned, out, in_process)
+        failed += not ok
+        status = "ok" if ok else "FAILED"
+        print(f"    {status} in {time.perf_counter() - started:.0f} s", flush=True)
+    return failed
+
+
+def _run_one(
+    cell: Cell, setting: Setting, tuned: float | None, out: Path, in_process: bool
+) -> bool:
+    from unmask.files import atomic_write_text
+
+    path = out / "records" / f"{cell.id}.json"
+    if in_process:
+        record = run_cell(cell, setting, tuned)
+        record["peak_rss_scope"] = "whole harness process (in-process run)"
+        atomic_write_text(path, json.dumps(record, indent=1))
+        return True
+    payload = json.dumps({"cell": asdict(cell), "setting": asdict(setting), "tuned": tuned})
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "cell", "--out", str(out), payload],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    return done.returncode == 0 and path.is_file()
+
+
+def _cell_main(out: Path, payload: str) -> None:
+    from unmask.files import atomic_write_text
+
+    spec = json.loads(payload)
+    cell, setting = Cell(**spec["cell"]), Setting(**spec["setting"])
+    record = run_cell(cell, setting, spec["tuned"])
+    record["peak_rss_scope"] = "this cell's own process"
+    atomic_write_text(out / "records" / f"{cell.id}.json", json.dumps(record, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the missing cells of a grid")
+    run.add_argument("--grid", choices=("full", "smoke"), default="full")
+    run.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (smoke: required)")
+    run.add_argument("--limit", type=int, default=None, help="run at most this many cells")
+    run.add_argument("--phase", action="append", choices=("tune", "main", "ablation"))
+    run.add_argument("--in-process", action="store_true", help="no subprocess per cell")
+    run.add_argument("--list", action="store_true", help="print the cells and their state")
+    report = sub.add_parser("report", help="write report.md and PNG plots from the records")
+    report.add_argument("--out", type=Path, default=RESULTS)
+    cell = sub.add_parser("cell", help=argparse.SUPPRESS)
+    cell.add_argument("--out", type=Path, required=True)
+    cell.add_argument("payload")
+    args = parser.parse_args(argv)
+    if args.command == "cell":
+        _cell_main(args.out, args.payload)
+        return 0
+    if args.command == "report":
+        from benchmarks.quality_report import write_report
+
+        write_report(args.out)
+        return 0
+    if args.grid == "smoke" and args.out is None:
+        parser.error("--grid smoke needs --out (it must not mix with the committed records)")
+    out = args.out or RESULTS
+    grid = full_grid() if args.grid == "full" else smoke_grid(out)
+    if args.list:
+        done = {r["id"] for r in load_records(out)}
+        for c in grid.cells:
+            print(("done  " if c.id in done else "todo  ") + c.id)
+        print(f"{len(done & {c.id for c in grid.cells})} of {len(grid.cells)} cells done")
+        return 0
+    failed = run_grid(grid, out, args.in_process, args.limit, set(args.phase or ()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""Turn the quality benchmark's records into report.md and PNG plots (see quality.py).
+
+    .venv/bin/python -m benchmarks.quality report [--out benchmarks/results/quality]
+
+Every number in the report is computed here from OUT/records/*.json; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.quality import ABLATIONS, DECODER_METHODS, ENCODER_METHODS, load_records, tuned_lrs
+
+BUDGET_ORDER = ("1%", "5%", "0.03%", "0.1%", "lora/4", "lora")
+MODULE_KINDS = (
+    ("head", r"(^|\.)(classifier|score)\."),
+    ("embeddings", r"embeddings|embed_tokens"),
+    ("norm", r"LayerNorm|norm\."),
+    ("attn q", r"query|q_proj"),
+    ("attn k", r"key|k_proj"),
+    ("attn v", r"value|v_proj"),
+    ("attn out", r"attention\.output|o_proj"),
+    ("ffn in", r"intermediate|gate_proj|up_proj"),
+    ("ffn out", r"output\.dense|down_proj"),
+    ("pooler", r"pooler"),
+)
+
+
+def module_kind(name: str) -> str:
+    for kind, pattern in MODULE_KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f} ({len(values)})"
+
+
+def _budget_label(records: list[dict], budget: str | None) -> str:
+    counts = sorted({r["budget_weights"] for r in records if r["budget"] == budget})
+    if budget is None:
+        return "own size"
+    return f"{budget} ({counts[0]:,})" if len(counts) == 1 else budget
+
+
+def main_table(records: list[dict], setting: str, task: str) -> list[str]:
+    """Methods x budgets, test metric in % as mean ± std (seeds)."""
+    rows = [
+        r for r in records if r["phase"] == "main" and r["setting"] == setting and r["task"] == task
+    ]
+    if not rows:
+        return []
+    budgets = sorted({r["budget"] for r in rows if r["budget"]}, key=BUDGET_ORDER.index)
+    methods = [
+        m for m in (*ENCODER_METHODS, *DECODER_METHODS) if any(r["method"] == m for r in rows)
+    ]
+    metric = rows[0]["metric"]
+    header = ["method", *(_budget_label(rows, b) for b in budgets), "fixed size", "weights changed"]
+    lines = [
+        f"### {Path(task).stem} ({metric} on the test split, %, mean ± std (seeds))",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for m in dict.fromkeys(methods):
+        mine = [r for r in rows if r["method"] == m]
+        cells = [_mean_std([r["value"] for r in mine if r["budget"] == b]) for b in budgets]
+        fixed = [r for r in mine if r["budget"] is None]
+        changed = sorted({r["weights_changed"] for r in fixed})
+        cells += [
+            _mean_std([r["value"] for r in fixed]) if fixed else "",
+            ", ".join(f"{c:,}" for c in changed),
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def tuning_table(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r["phase"] == "tune"]
+    if not rows:
+        return []
+    chosen = tuned_lrs(records)
+    lines = [
+        "### Learning-rate search (validation split, seed 0)",
+        "",
+        "| setting | task | method | budget | lr: validation % | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_key[(r["setting"], r["task"], r["method"], r["budget"])].append(r)
+    for (setting, task, method, budget), group in by_key.items():
+        tried = ", ".join(
+            f"{r['lr']:g}: {100 * r['value']:.1f}" for r in sorted(group, key=lambda r: r["lr"])
+        )
+        best = chosen.get((setting, method))
+        lines.append(f"| {setting} | {task} | {method} | {budget or '–'} | {tried} | {best:g} |")
+    return lines + [""]
+
+
+def ablation_table(records: list[dict]) -> list[str]:
+    ablations = [r for r in records if r["phase"] == "ablation"]
+    if not ablations:
+        return []
+    task, budget = ablations[0]["task"], ablations[0]["budget"]
+    default = [
+        r["value"]
+        for r in records
+        if r["phase"] == "main"
+        and r["method"] == "id3"
+        and r["task"] == task
+        and r["budget"] == budget
+    ]
+    lines = [
+        f"### ID3 ablations ({task}, budget {budget}, test %, mean ± std (seeds))",
+        "",
+        "| variant | options | test % |",
+        "|---|---|---|",
+        "| default | eps=1e-3, exp=1, adam-step=per-weight, schedule=uniform | "
+        f"{_mean_std(default)} |",
+    ]
+    for name, options in ABLATIONS.items():
+        values = [r["value"] for r in ablations if r["ablation"] == name]
+        lines.append(f"| {name} | {options} | {_mean_std(values)} |")
+    return lines + [""]
+
+
+def cost_table(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r["phase"] == "main" and r["budget"] in (None, "0.1%", "lora/4")]
+    if not rows:
+        return []
+    lines = [
+        "### Cost per run (median over runs; budget 0.1% / lora/4 where the method takes one)",
+        "",
+        "| setting | method | step s | train s | peak RSS MB | delta bytes |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["setting"], r["method"])].append(r)
+    for (setting, method), group in groups.items():
+        med = {
+            k: statistics.median(r[k] for r in group)
+            for k in ("step_seconds_median", "train_seconds", "peak_rss_mb", "delta_bytes")
+        }
+        lines.append(
+            f"| {setting} | {method} | {med['step_seconds_median']:.3f} | "
+            f"{med['train_seconds']:.0f} | {med['peak_rss_mb']:.0f} | {med['delta_bytes']:,.0f} |"
+        )
+    return lines + [""]
+
+
+def plot_metric_vs_budget(records: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = sorted({(r["setting"], r["task"]) for r in records if r["phase"] == "main"})
+    for _, task in tasks:
+        rows = [r for r in records if r["phase"] == "main" and r["task"] == task]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points: dict[int, list[float]] = defaultdict(list)
+            for r in rows:
+                if r["method"] == method:
+                    points[r["weights_changed"]].append(100 * r["value"])
+            xs = sorted(points)
+            ys = [statistics.fmean(points[x]) for x in xs]
+            style = "s" if method in ("full", "head-only", "lora", "bitfit") else "o-"
+            ax.plot(xs, ys, style, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("weights changed (log)")
+        ax.set_ylabel(f"test {rows[0]['metric']} (%)")
+        ax.set_title(f"{task}: metric vs budget (mean over seeds)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"quality_{Path(task).stem}.png"
+        _save(fig, path)
+        written.append(path)
+    return written
+
+
+def plot_allocation(records: list[dict], out: Path) -> Path | None:
+    """Share of the budget per module kind and per layer: ID3 vs PaFi (first main task, 0.1%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pick: dict[str, dict] = {}
+    for r in records:
+        if (
+            r["phase"] == "main"
+            and r["seed"] == 0
+            and r["method"] in ("id3", "pafi")
+            and r["budget"] in ("0.1%", "5%")
+            and r["allocation"]
+        ):
+            pick.setdefault(r["method"], r)
+    if len(pick) < 2:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = [k for k, _ in MODULE_KINDS] + ["other"]
+    for shift, (method, r) in enumerate(sorted(pick.items())):
+        total = sum(r["allocation"].values())
+        by_kind: dict[str, int] = defaultdict(int)
+        by_layer: dict[int, int] = defaultdict(int)
+        for name, count in r["allocation"].items():
+            by_kind[module_kind(name)] += count
+            layer = re.search(r"layers?\.(\d+)\.", name)
+            if layer:
+                by_layer[int(layer.group(1))] += count
+        xs = range(len(kinds))
+        left.bar(
+            [x + 0.4 * shift for x in xs],
+            [by_kind[k] / total for k in kinds],
+            width=0.4,
+            label=method,
+        )
+        layers = sorted(by_layer)
+        right.bar(
+            [x + 0.4 * shift for x in layers],
+            [by_layer[i] / total for i in layers],
+            width=0.4,
+            label=method,
+        )
+    left.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    left.set_ylabel("share of changed weights")
+    left.set_title(f"per module kind ({r['task'].rsplit('/', 1)[-1]}, {r['budget']})")
+    right.set_xlabel("layer")
+    right.set_title("per layer")
+    left.legend()
+    fig.tight_layout()
+    path = out / "allocation_id3_vs_pafi.png"
+    _save(fig, path)
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from unmask.files import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_report(out: Path) -> Path:
+    """Write OUT/report.md and the plots from OUT/records; returns the report's path."""
+    from unmask.files import atomic_write_text
+
+    records = load_records(out)
+    if not records:
+        raise SystemExit(f"no records in {out / 'records'}: run the grid first")
+    lines = _header(records)
+    for setting, task in sorted(
+        {(r["setting"], r["task"]) for r in records if r["phase"] == "main"}
+    ):
+        lines += main_table(records, setting, task)
+    lines += ablation_table(records) + tuning_table(records) + cost_table(records)
+    plots = plot_metric_vs_budget(records, out)
+    allocation = plot_allocation(records, out)
+    lines += [f"![{p.stem}]({p.name})" for p in [*plots, *([allocation] if allocation else [])]]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _header(records: list[dict[str, Any]]) -> list[str]:
+    settings = {r["setting"]: r["training"] for r in records}
+    lines = [
+        "# Quality benchmark",
+        "",
+        f"{len(records)} runs; generated by `python -m benchmarks.quality report` from "
+        "`records/*.json`.",
+        "",
+    ]
+    for name, s in settings.items():
+        lines.append(
+            f"- {name}: model `{Path(s['model']).name}`, {s['steps']} steps of batch "
+            f"{s['batch_size']}, max length {s['max_length']} tokens, at most "
+            f"{s['train_size']} training examples, eval size {s['eval_size'] or 'full split'}."
+        )
+    hardware = sorted({r.get("hardware", "?") for r in records})
+    threads = sorted({r["torch_threads"] for r in records})
+    lines += [f"- hardware: {', '.join(hardware)}; torch threads {threads}.", ""]
+    return lines
