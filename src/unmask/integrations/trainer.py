@@ -25,9 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -158,13 +160,78 @@ def make_optimizer(
     return SelectiveOptimizer(model, total_steps=total_steps, optimizer=optimizer, **kwargs)
 
 
+def calibrate_across_processes(
+    opt: SelectiveOptimizer,
+    batches: Any,
+    num_batches: int | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> None:
+    """`opt.calibrate` with each batch's gradients averaged over all processes of a distributed run.
+
+    Under data parallelism each process calibrates on its own shard of every batch. `calibrate`
+    runs the unwrapped model, whose backward DDP does not all-reduce, so without averaging every
+    process would sum different Fisher values, choose a different mask, and the processes would
+    silently train different weights. With the gradients averaged after each backward, every
+    process sees the gradient of the whole global batch and chooses the same mask (the one a
+    single process would choose on the global batches). Every process must calibrate on the same
+    number of batches. Without an initialised process group of more than one process this is
+    plain `opt.calibrate`.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        opt.calibrate(batches, loss_fn=loss_fn, num_batches=num_batches)
+        return
+    averager = _GradientAverager([p for p in opt.model.parameters() if p.requires_grad], world)
+    try:
+        opt.calibrate(batches, loss_fn=loss_fn, num_batches=num_batches)
+    finally:
+        averager.remove()
+
+
+class _GradientAverager:
+    """While alive, averages the gradients of `params` over all processes after each backward.
+
+    The first gradient hook of a backward queues one callback that runs when the whole backward
+    has finished (the mechanism DDP itself uses), so the all-reduces run in the same fixed
+    parameter order on every process, whatever order autograd produced the gradients in.
+    """
+
+    def __init__(self, params: list[nn.Parameter], world: int) -> None:
+        self.params = params
+        self.world = world
+        self.queued = False
+        self.handles = [p.register_post_accumulate_grad_hook(self._queue) for p in params]
+
+    def _queue(self, _param: nn.Parameter) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
+
+    def _reduce(self) -> None:
+        self.queued = False
+        for p in self.params:
+            # A parameter can miss a gradient on one process only (data-dependent graphs); every
+            # process must still join every all-reduce, with zeros, which add no Fisher mass.
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            # SUM then divide: gloo has no ReduceOp.AVG.
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class UnmaskCallback(TrainerCallback):
     """Saves the sparse delta with every checkpoint and logs selection telemetry.
 
     - on_train_begin: for a method that chooses its mask from calibration batches ("fish"),
       calibrates on the first `calibration_batches` training batches (skipped when a resumed
-      checkpoint already holds the mask).
-    - on_save: writes ``<checkpoint>/unmask_delta`` (delta.safetensors + delta_config.json).
+      checkpoint already holds the mask), averaging gradients over the processes of a
+      distributed run (see `calibrate_across_processes`).
+    - on_save: writes ``<checkpoint>/unmask_delta`` (delta.safetensors + delta_config.json), on
+      the processes that write checkpoints (``args.should_save``: process zero by default).
     - on_train_end: writes ``<output_dir>/unmask_delta``, the delta of the last step, or with
       ``load_best_model_at_end`` a copy of the best checkpoint's delta (the weights the Trainer
       leaves in the model).
@@ -193,10 +260,12 @@ class UnmaskCallback(TrainerCallback):
                     f"method {opt.method.name!r} needs calibration batches and the Trainer passed "
                     "no train_dataloader; call opt.calibrate(batches) before trainer.train()"
                 )
-            opt.calibrate(train_dataloader, num_batches=self.calibration_batches)
+            calibrate_across_processes(opt, train_dataloader, num_batches=self.calibration_batches)
 
     def on_save(self, args, state, control, optimizer=None, **kwargs):
-        if not (self.save_delta and state.is_world_process_zero):
+        # args.should_save is the Trainer's own rule for who writes checkpoints: the world's
+        # process zero, or each node's local process zero with save_on_each_node.
+        if not (self.save_delta and args.should_save):
             return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(checkpoint):
@@ -207,7 +276,7 @@ class UnmaskCallback(TrainerCallback):
         _require(optimizer).delta().save_pretrained(os.path.join(checkpoint, self.delta_dirname))
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
-        if not (self.save_delta and state.is_world_process_zero):
+        if not (self.save_delta and args.should_save):
             return
         path = os.path.join(args.output_dir, self.delta_dirname)
         best = state.best_model_checkpoint
