@@ -1,0 +1,79 @@
+"""The quality benchmark harness end to end on its smoke grid (tiny model, nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import quality
+from benchmarks.quality_report import write_report
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    assert quality.main(["run", "--grid", "smoke", "--out", str(out), "--in-process"]) == 0
+    return out
+
+
+def test_every_cell_writes_one_complete_record(smoke):
+    grid = quality.smoke_grid(smoke)
+    records = {r["id"]: r for r in quality.load_records(smoke)}
+    assert set(records) == {c.id for c in grid.cells}
+    for r in records.values():
+        assert 0.0 <= r["value"] <= 1.0
+        assert r["weights_changed"] > 0 and r["delta_bytes"] > 0
+        assert r["train_seconds"] >= 0 and r["step_seconds_median"] > 0 and r["peak_rss_mb"] > 0
+        assert r["unmask_version"] and r["git_commit"] is not None
+        if r["budget"] is not None and r["method"] != "id3-repeat":
+            # Exact budget: never more weights changed than the budget allows.
+            assert r["weights_changed"] <= r["budget_weights"]
+        if r["phase"] != "tune":
+            assert r["split"] == "test"
+
+
+def test_tuned_rate_is_the_best_on_validation(smoke):
+    records = quality.load_records(smoke)
+    for r in records:
+        if r["phase"] == "tune":
+            assert r["split"] == "validation"
+    chosen = quality.tuned_lrs(records)
+    for r in records:
+        if r["phase"] == "main":
+            tried = [t for t in records if t["phase"] == "tune" and t["method"] == r["method"]]
+            best = max(tried, key=lambda t: (t["value"], -t["lr"]))
+            assert r["lr"] == best["lr"] == chosen[("encoder", r["method"])]
+
+
+def test_budgets_resolve_against_the_whole_model_and_lora(smoke):
+    records = quality.load_records(smoke)
+    total = records[0]["weights_total"]
+    one = next(r for r in records if r["phase"] == "main" and r["budget"] == "1%")
+    assert one["budget_weights"] == total // 100
+    lora = next(r for r in records if r["method"] == "lora")
+    at_lora = next(r for r in records if r["method"] == "id3" and r["budget"] == "lora")
+    assert at_lora["budget_weights"] == lora["weights_changed"]
+
+
+def test_rerun_resumes_without_training_again(smoke, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in (smoke / "records").iterdir()}
+    victim = next(iter(sorted(before)))
+    (smoke / "records" / victim).unlink()
+    assert quality.main(["run", "--grid", "smoke", "--out", str(smoke), "--in-process"]) == 0
+    printed = capsys.readouterr().out
+    started = [line for line in printed.splitlines() if line.startswith("[")]
+    assert started == [f"[1] {victim.removesuffix('.json')} ..."]
+    after = {p.name: p.stat().st_mtime_ns for p in (smoke / "records").iterdir()}
+    assert {k: v for k, v in after.items() if k != victim} == {
+        k: v for k, v in before.items() if k != victim
+    }
+
+
+def test_report_has_tables_and_plots(smoke):
+    path = write_report(smoke)
+    text = path.read_text()
+    for method in quality.ENCODER_METHODS:
+        assert f"| {method} |" in text
+    assert "ID3 ablations" in text and "Learning-rate search" in text
+    for png in ("quality_sentiment.png", "allocation_id3_vs_pafi.png"):
+        data = (smoke / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000
