@@ -1,19 +1,26 @@
 """ID3 fine-tuning in a plain training loop driven by accelerate.
 
     accelerate launch --num_processes 1 --cpu examples/accelerate_train.py --out /tmp/acc-run
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py --out /tmp/acc-run
 
 A tiny randomly initialised BERT classifier learns a synthetic task (is token 7 in the sequence?),
 so the script downloads nothing and runs in seconds on a CPU. It prints the loss and the number of
-unmasked weights, then saves the sparse delta and checks that it rebuilds the trained model.
+unmasked weights, then saves the sparse delta (main process only) and checks that it rebuilds the
+trained model. With several processes each one trains on its shard of every batch and every
+process runs `--steps` optimizer steps; the script checks that all of them selected the same
+weights. On a machine without CUDA the processes run on the CPU with gloo (`accelerate launch
+--cpu` itself starts only one process unless it is given an mpirun hostfile).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from transformers import BertConfig, BertForSequenceClassification
 
 import unmask
@@ -35,7 +42,9 @@ def main() -> None:
     parser.add_argument("--budget", default="2%")
     args = parser.parse_args()
 
-    accelerator = Accelerator()
+    # Without cpu=True, accelerate 1.15 on a machine without CUDA gives each launched process
+    # DistributedType.NO: every process would train alone and call itself the main process.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=VOCAB,
@@ -61,8 +70,13 @@ def main() -> None:
         dense=["classifier"],
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / args.steps)
-    loader = torch.utils.data.DataLoader(synthetic_data(16 * args.steps, 1), batch_size=16)
-    model, opt, loader, scheduler = accelerator.prepare(model, opt, loader, scheduler)
+    # `steps` batches of 16 for every process: the prepared loader gives each its own shard.
+    data = synthetic_data(16 * args.steps * accelerator.num_processes, 1)
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    # The scheduler is stepped here, once per optimizer step, and not prepared: accelerate's
+    # prepared scheduler steps num_processes times per call, which would end this schedule
+    # (and make the learning rate negative) after steps / num_processes steps.
+    model, opt, loader = accelerator.prepare(model, opt, loader)
 
     model.train()
     for step, batch in enumerate(loader):
@@ -79,8 +93,14 @@ def main() -> None:
                 f"selected {selective.num_selected}/{selective.budget}"
             )
 
+    selected = sorted(opt.optimizer.selected().items())
+    digest = hashlib.sha256(b"".join(n.encode() + i.cpu().numpy().tobytes() for n, i in selected))
+    same_selection = len(set(gather_object([digest.hexdigest()]))) == 1
+    accelerator.print(
+        f"selection identical on all {accelerator.num_processes} processes: {same_selection}"
+    )
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # every process holds the same delta; one writes it
         delta = opt.optimizer.delta()
         delta.save_pretrained(args.out)
         rebuilt = unmask.SparseDelta.from_pretrained(args.out).apply_(base)
