@@ -33,7 +33,7 @@ from .candidates import Patterns, find_candidates
 from .delta import SparseDelta
 from .methods import Method, make_method
 from .schedules import Schedule, check_total_steps, get_schedule
-from .selection import KeySource, select_top
+from .selection import KeySource, lexicographic_top, select_top
 from .slot_adamw import SlotAdamW
 
 STATE_VERSION = 1
@@ -71,6 +71,18 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         freeze_unselected: once the selection is final (static methods from the start,
             increment methods after their last unmask), set requires_grad=False on candidate
             tensors that hold no selected weight, so backward stops computing their gradients.
+            None (default): on in low-memory mode, off otherwise.
+        low_memory: process each candidate tensor's gradient during backward, as soon as it
+            is ready (a post-accumulate-grad hook): copy out its selected weights' gradients,
+            keep its own top-k candidates for this step (score, index, gradient), then free it.
+            Peak gradient memory is one tensor's gradient plus O(B); the selected weights and
+            the trained values are the same as in the standard mode. The candidates' `.grad`
+            is therefore None after backward: clip with `clip_grad_norm_` of this optimizer.
+            Gradient accumulation over micro-batches: selected weights' gradients are summed
+            exactly; a new weight's score is the sum of its per-micro-batch scores over the
+            micro-batches where it was among its tensor's top-k, and its first update uses the
+            sum of its gradients over those micro-batches (exact for one micro-batch). Not
+            available for "id3-repeat" and "full".
         **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
@@ -95,7 +107,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         score_exp: float = 1.0,
         seed: int = 0,
         max_nonfinite_steps: int = 10,
-        freeze_unselected: bool = False,
+        freeze_unselected: bool | None = None,
+        low_memory: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
         self.model = model
@@ -110,6 +123,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 "total_steps=T (the number of optimizer steps)"
             )
         self.total_steps = None if total_steps is None else check_total_steps(total_steps)
+        if low_memory and kind in ("repeat", "dense"):
+            raise ValueError(
+                f"low_memory=True is not available for method {self.method.name!r}: it needs "
+                "every weight's gradient at once; use the standard mode (low_memory=False)"
+            )
         cands = find_candidates(model, self.method, include, exclude, dense)
         self._names = [n for n, _ in cands.sparse]
         self._params = [p for _, p in cands.sparse]
@@ -175,7 +193,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         elif kind == "all":
             self._assign(torch.arange(self.budget, device=device))
-        self.freeze_unselected = freeze_unselected
+        self.freeze_unselected = low_memory if freeze_unselected is None else freeze_unselected
+        self.low_memory = low_memory
+        self._hooks = (
+            [
+                p.register_post_accumulate_grad_hook(self._make_hook(i))
+                for i, p in enumerate(self._params)
+            ]
+            if low_memory
+            else []
+        )
+        self._pending: list[tuple[int, Tensor, Tensor, Tensor]] = []
+        self._grad_sq = 0.0
+        self._tapping = True  # off while calibrate() needs whole gradients
         self._freeze_if_final()
 
     # ------------------------------------------------------------------ budget and inner optimizers
@@ -242,13 +272,16 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         gathered_for = self._layout
         kind = self.method.kind
         if kind == "increment" and self._n < self.budget:
-            self._unmask(self.steps_done)
+            if self.low_memory:
+                self._unmask_from_pending()
+            else:
+                self._unmask(self.steps_done)
             self._freeze_if_final()
         elif kind == "repeat":
             self._reselect()
         if self._layout:
-            if self._layout is not gathered_for:  # new weights were unmasked
-                self._gather_grads()
+            if self._layout is not gathered_for and not self.low_memory:
+                self._gather_grads()  # new weights were unmasked
             saved = self._delta.clone() if self._active is not None else None
             self._sparse.step()
             if saved is not None:
@@ -260,6 +293,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._dense_numel if self.method.kind != "dense" else 0
         )
         self.steps_done += 1
+        self._clear_pending()
         return loss
 
     def _freeze_if_final(self) -> None:
@@ -280,7 +314,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         selected.
         """
         if self._layout:
-            self._gather_grads()
+            if not self.low_memory:
+                self._gather_grads()
             if not bool(torch.isfinite(self._delta.grad).all()):
                 return False
         return all(
@@ -288,6 +323,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         )
 
     def _skip_step(self) -> None:
+        self._clear_pending()
         self.num_skipped_steps += 1
         self.consecutive_skips += 1
         message = (
@@ -304,6 +340,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of every candidate and dense parameter of the model."""
+        self._clear_pending()
         for p in self._params + self._dense_params:
             if p.grad is not None:
                 if set_to_none:
@@ -363,6 +400,109 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
             sources.append(KeySource(self._offsets_list[i], fill))
         return sources
+
+    # ------------------------------------------------------------------ low-memory mode
+
+    def _make_hook(self, i: int) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            with torch.no_grad():
+                self._consume_grad(i, param)
+
+        return hook
+
+    def _consume_grad(self, i: int, param: Tensor) -> None:
+        """Take what the step needs from tensor i's fresh gradient, then free the gradient."""
+        grad = param.grad
+        if grad is None or not self._tapping:
+            return
+        flat = grad.detach().reshape(-1)
+        self._grad_sq += float(torch.linalg.vector_norm(flat)) ** 2
+        for j, slots, local in self._layout:
+            if j == i:
+                picked = flat.index_select(0, local).to(self._delta.dtype)
+                self._delta.grad.index_add_(0, slots, picked)
+                break
+        k = self._quota()
+        if k > 0:
+            keys = self.method.keys(
+                self._names[i], param, grad, torch.empty_like(flat, dtype=torch.float32)
+            )
+            excluded = next((local for j, _, local in self._touched if j == i), None)
+            if excluded is not None:
+                keys.index_fill_(0, excluded, _NEG_INF)
+            local = select_top([KeySource(0, lambda: keys)], k, self.method.eligibility_floor())
+            self._pending.append(
+                (i, local, keys.index_select(0, local), flat.index_select(0, local).clone())
+            )
+        param.grad = None
+
+    def _quota(self) -> int:
+        """How many weights the coming step unmasks (increment methods; 0 once B is spent)."""
+        if self.method.kind != "increment" or self._n >= self.budget or not self.calibrated:
+            return 0
+        target = self.schedule.cumulative(self.steps_done, self.budget, self.total_steps)
+        return min(target, self.budget) - self._n
+
+    def _unmask_from_pending(self) -> None:
+        """Exact global top-k over the per-tensor candidates the hooks kept this step.
+
+        The k largest keys of all tensors lie in the union of each tensor's own k largest, and
+        both orders break ties by the lowest index, so this equals the standard mode's choice.
+        """
+        k = self._quota()
+        if k <= 0 or not self._pending:
+            return
+        device = self._offsets.device
+        index = torch.cat([local + self._offsets_list[i] for i, local, _, _ in self._pending])
+        keys = torch.cat([v for _, _, v, _ in self._pending]).to(device)
+        grads = torch.cat([g.to(self._delta.dtype) for _, _, _, g in self._pending]).to(device)
+        # Micro-batches: the same weight may come back from several backward passes.
+        index, where = torch.unique(index, sorted=True, return_inverse=True)
+        keys = torch.zeros(index.numel(), dtype=keys.dtype, device=device).index_add_(
+            0, where, keys
+        )
+        grads = torch.zeros(index.numel(), dtype=grads.dtype, device=device).index_add_(
+            0, where, grads
+        )
+        keep = keys > self.method.eligibility_floor()
+        index, keys, grads = index[keep], keys[keep], grads[keep]
+        if index.numel() > k:
+            chosen = lexicographic_top(keys, index, k)[0].sort().values
+        else:
+            chosen = index
+        n = self._n
+        self._assign(chosen)
+        self._delta.grad[n : self._n] = grads[torch.searchsorted(index, chosen)]
+
+    def _clear_pending(self) -> None:
+        if self.low_memory:
+            self._pending = []
+            self._grad_sq = 0.0
+            self._delta.grad.zero_()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale the gradients this step will use so that their global L2 norm is <= max_norm.
+
+        The norm is over every candidate and dense gradient, as
+        `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` computes it; in
+        low-memory mode it comes from the hooks (with several micro-batches: the root of the
+        summed per-micro-batch squared norms). Call after backward, before step(). Returns the
+        norm before clipping.
+        """
+        dense = [p.grad for p in self._dense_params if p.grad is not None]
+        if self.low_memory:
+            square = self._grad_sq + sum(float(g.double().square().sum()) for g in dense)
+            norm = torch.tensor(square).sqrt()
+            grads = [self._delta.grad, *dense, *(g for _, _, _, g in self._pending)]
+        else:
+            grads = [p.grad for p in self._params if p.grad is not None] + dense
+            norm = torch.nn.utils.get_total_norm(grads).cpu() if grads else torch.tensor(0.0)
+        scale = max_norm / (float(norm) + 1e-6)
+        if scale < 1.0:
+            for g in grads:
+                g.mul_(scale)
+        return norm
 
     # ------------------------------------------------------------------ slots
 
@@ -471,6 +611,30 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if num_batches is not None and num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}")
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        self._tapping = False
+        try:
+            used = self._accumulate_fisher(batches, loss_fn, num_batches, fisher)
+        finally:
+            self._tapping = True
+        self.zero_grad()
+        if used == 0:
+            raise ValueError("calibrate() got no batches; pass at least one batch")
+        self._assign(
+            select_top(
+                self._sources(fisher, exclude=False), self.budget, self.method.eligibility_floor()
+            )
+        )
+        self.calibrated = True
+        self._freeze_if_final()
+
+    def _accumulate_fisher(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+        num_batches: int | None,
+        fisher: list[Tensor],
+    ) -> int:
+        """Add Σ g² of up to `num_batches` batches into `fisher`; returns the batches used."""
         used = 0
         for batch in batches:
             if num_batches is not None and used >= num_batches:
@@ -483,16 +647,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     acc.addcmul_(p.grad, p.grad)
             used += 1
-        self.zero_grad()
-        if used == 0:
-            raise ValueError("calibrate() got no batches; pass at least one batch")
-        self._assign(
-            select_top(
-                self._sources(fisher, exclude=False), self.budget, self.method.eligibility_floor()
-            )
-        )
-        self.calibrated = True
-        self._freeze_if_final()
+        return used
 
     # ------------------------------------------------------------------ inspection
 

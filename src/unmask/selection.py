@@ -56,7 +56,7 @@ def select_top(sources: Sequence[KeySource], k: int, floor: float) -> Tensor:
     if pool_v.numel() < k:
         # Fewer eligible candidates than wanted: each tensor's left-out keys are not eligible.
         return pool_i.sort().values
-    chosen, kth = _lexicographic_top(pool_v, pool_i, k)
+    chosen, kth = lexicographic_top(pool_v, pool_i, k)
     # A tensor may hold keys equal to the k-th value that its own top-k left out; they compete
     # on index, so fetch them all (rare: it needs an exact tie at the boundary).
     tied = (torch.stack(hidden).to(kth.device) == kth).nonzero().flatten().tolist()
@@ -70,7 +70,7 @@ def select_top(sources: Sequence[KeySource], k: int, floor: float) -> Tensor:
     extra_i = extra_i[~torch.isin(extra_i, pool_i)]
     pool_i = torch.cat([pool_i, extra_i])
     pool_v = torch.cat([pool_v, kth.expand(extra_i.numel()).to(pool_v.dtype)])
-    chosen, _ = _lexicographic_top(pool_v, pool_i, k)
+    chosen, _ = lexicographic_top(pool_v, pool_i, k)
     return chosen.sort().values
 
 
@@ -126,7 +126,7 @@ def _finite_or_neg_inf(keys: Tensor) -> Tensor:
     return keys.nan_to_num_(nan=ninf, posinf=ninf, neginf=ninf)
 
 
-def _lexicographic_top(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def lexicographic_top(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k entries with the largest value, lowest index first among equals; and the k-th value."""
     kth = values.topk(k, sorted=False).values.min()
     above = values > kth

@@ -1,0 +1,192 @@
+"""Low-memory mode: gradients consumed in backward hooks give the standard mode's results."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import MODELS, make_batches, snapshot, tiny_bert
+
+from unmask import SelectiveOptimizer
+
+STEPS = 6
+
+
+def _run(kind, method, low_memory, batches, *, micro=1, clip=None, autocast=False, **kwargs):
+    """Train; returns (model, optimizer, selections after every step)."""
+    model = MODELS[kind]()
+    options = dict(method=method, lr=1e-2, weight_decay=0.01, low_memory=low_memory)
+    if method != "bitfit":
+        options.update(budget="3%", total_steps=STEPS)
+    if kind == "bert":
+        options["dense"] = ["classifier"]
+    opt = SelectiveOptimizer(model, **options, **kwargs)
+    if method == "fish":
+        opt.calibrate(batches[:2])
+    history = []
+    for batch in batches:
+        for part in _split(batch, micro):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**part).loss / micro
+            loss.backward()
+        if clip is not None:
+            opt.clip_grad_norm_(clip)
+        opt.step()
+        opt.zero_grad()
+        history.append({n: i.tolist() for n, i in opt.selected().items()})
+    return model, opt, history
+
+
+def _split(batch, parts):
+    size = batch["input_ids"].shape[0] // parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def _assert_same_model(a, b, exact=True):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["id3", "increment-pafi", "pafi", "random", "fish", "bitfit"])
+def test_same_selection_and_weights_as_standard_mode(method, model_kind):
+    if method == "bitfit" and model_kind == "llama":
+        pytest.skip("the Llama model has no bias terms")
+    batches = make_batches(model_kind, STEPS)
+    standard, _, chosen = _run(model_kind, method, False, batches)
+    low, opt, chosen_low = _run(model_kind, method, True, batches)
+    assert chosen_low == chosen  # the same weights at every step
+    _assert_same_model(standard, low)
+    assert opt.num_selected == sum(len(v) for v in chosen[-1].values())
+
+
+def test_gradients_are_freed_during_backward_and_dense_ones_kept():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(
+        model,
+        method="id3",
+        budget=100,
+        total_steps=4,
+        lr=1e-2,
+        dense=["classifier"],
+        low_memory=True,
+    )
+    alive = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(_live_grads(model)))
+    model(**make_batches("bert", 1)[0]).loss.backward()
+    # Hooks registered later run later: at each, at most the dense head and the one tensor
+    # just finished hold a gradient (the optimizer's own hook already freed the others).
+    assert max(alive) <= 3
+    held = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert held == {"classifier.weight", "classifier.bias"}
+    opt.step()
+    assert opt.num_selected > 0
+
+
+def _live_grads(model) -> int:
+    return sum(p.grad is not None for p in model.parameters())
+
+
+def test_static_methods_do_not_compute_unselected_gradients():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(model, method="pafi", budget=40, lr=1e-2, low_memory=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()} - set(opt.selected())
+
+
+def test_gradient_accumulation_sums_selected_gradients_exactly():
+    # Static mask: every gradient the update uses is a selected weight's, summed exactly as
+    # the standard mode's .grad accumulation sums it.
+    batches = make_batches("bert", 4, batch=4)
+    standard, _, _ = _run("bert", "pafi", False, batches, micro=2)
+    low, _, _ = _run("bert", "pafi", True, batches, micro=2)
+    _assert_same_model(standard, low)
+
+
+def test_gradient_accumulation_keeps_the_budget_and_schedule():
+    batches = make_batches("llama", STEPS, batch=4)
+    _, opt, history = _run("llama", "id3", True, batches, micro=2)
+    counts = [sum(len(v) for v in h.values()) for h in history]
+    budget = opt.budget
+    assert counts == [min(budget, budget * (t + 1) // STEPS) for t in range(STEPS)]
+    _, again, history_again = _run("llama", "id3", True, batches, micro=2)
+    assert history_again == history  # deterministic
+
+
+def test_clipping_matches_standard_mode():
+    batches = make_batches("bert", STEPS)
+    standard, opt_s, chosen = _run("bert", "id3", False, batches, clip=0.05)
+    low, opt_l, chosen_low = _run("bert", "id3", True, batches, clip=0.05)
+    assert chosen_low == chosen
+    _assert_same_model(standard, low, exact=False)
+    unclipped, _, _ = _run("bert", "id3", True, batches)
+    pairs = zip(low.parameters(), unclipped.parameters(), strict=True)
+    assert any(not torch.equal(p, q) for p, q in pairs)
+
+
+def test_clip_grad_norm_returns_the_torch_norm():
+    for low_memory in (False, True):
+        model = tiny_bert()
+        reference = tiny_bert()
+        batch = make_batches("bert", 1)[0]
+        reference(**batch).loss.backward()
+        expected = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+        opt = SelectiveOptimizer(
+            model, method="id3", budget=50, total_steps=3, lr=1e-2, low_memory=low_memory
+        )
+        model(**batch).loss.backward()
+        torch.testing.assert_close(opt.clip_grad_norm_(1e-3).float(), expected, rtol=1e-5, atol=0)
+
+
+def test_bf16_autocast_matches_standard_mode():
+    batches = make_batches("llama", STEPS)
+    standard, _, chosen = _run("llama", "id3", False, batches, autocast=True)
+    low, _, chosen_low = _run("llama", "id3", True, batches, autocast=True)
+    assert chosen_low == chosen
+    _assert_same_model(standard, low)
+
+
+def test_resume_equals_uninterrupted():
+    steps, cut = 8, 3
+    batches = make_batches("bert", steps)
+    options = dict(method="id3", budget=120, total_steps=steps, lr=1e-2, low_memory=True)
+
+    def train(model, opt, part):
+        for batch in part:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = tiny_bert()
+    train(model, SelectiveOptimizer(model, **options), batches)
+    first = tiny_bert()
+    opt = SelectiveOptimizer(first, **options)
+    train(first, opt, batches[:cut])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = tiny_bert()
+    opt_b = SelectiveOptimizer(resumed, **options)
+    opt_b.load_state_dict(torch.load(buffer, weights_only=True))
+    train(resumed, opt_b, batches[cut:])
+    _assert_same_model(model, resumed)
+
+
+def test_nonfinite_gradient_skips_the_step():
+    model = tiny_bert()
+    base = snapshot(model)
+    opt = SelectiveOptimizer(model, method="pafi", budget=40, lr=1e-2, low_memory=True)
+    (model(**make_batches("bert", 1)[0]).loss * float("nan")).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["id3-repeat", "full"])
+def test_methods_that_need_every_gradient_are_refused(method):
+    with pytest.raises(ValueError, match="low_memory"):
+        SelectiveOptimizer(tiny_bert(), method=method, budget="5%", total_steps=3, low_memory=True)
