@@ -256,12 +256,17 @@ def _smoke_data(folder: Path) -> tuple[Path, str]:
 # ---------------------------------------------------------------------------------- one cell
 
 
-def run_cell(cell: Cell, setting: Setting, tuned_lr: float | None) -> dict[str, Any]:
+def run_cell(
+    cell: Cell, setting: Setting, tuned_lr: float | None, threads: int | None = None
+) -> dict[str, Any]:
     """Train and evaluate one cell; returns its record. Imports torch (call in a child)."""
     import resource
     import tempfile
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import unmask
     from unmask.tasks import load_task
@@ -499,7 +504,14 @@ def _tuning_complete(grid: Grid, records: list[dict], setting: str, method: str)
     )
 
 
-def run_grid(grid: Grid, out: Path, in_process: bool, limit: int | None, phases: set | None) -> int:
+def run_grid(
+    grid: Grid,
+    out: Path,
+    in_process: bool,
+    limit: int | None,
+    phases: set | None,
+    threads: int | None = None,
+) -> int:
     """Run every missing cell; returns the number of cells that failed."""
     (out / "records").mkdir(parents=True, exist_ok=True)
     failed = ran = 0
@@ -520,7 +532,7 @@ def run_grid(grid: Grid, out: Path, in_process: bool, limit: int | None, phases:
         ran += 1
         print(f"[{ran}] {cell.id} ...", flush=True)
         started = time.perf_counter()
-        ok = _run_one(cell, grid.settings[cell.setting], tuned, out, in_process)
+        ok = _run_one(cell, grid.settings[cell.setting], tuned, out, in_process, threads)
         failed += not ok
         status = "ok" if ok else "FAILED"
         print(f"    {status} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -528,17 +540,24 @@ def run_grid(grid: Grid, out: Path, in_process: bool, limit: int | None, phases:
 
 
 def _run_one(
-    cell: Cell, setting: Setting, tuned: float | None, out: Path, in_process: bool
+    cell: Cell,
+    setting: Setting,
+    tuned: float | None,
+    out: Path,
+    in_process: bool,
+    threads: int | None,
 ) -> bool:
     from unmask.files import atomic_write_text
 
     path = out / "records" / f"{cell.id}.json"
     if in_process:
-        record = run_cell(cell, setting, tuned)
+        record = run_cell(cell, setting, tuned, threads)
         record["peak_rss_scope"] = "whole harness process (in-process run)"
         atomic_write_text(path, json.dumps(record, indent=1))
         return True
-    payload = json.dumps({"cell": asdict(cell), "setting": asdict(setting), "tuned": tuned})
+    payload = json.dumps(
+        {"cell": asdict(cell), "setting": asdict(setting), "tuned": tuned, "threads": threads}
+    )
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.quality", "cell", "--out", str(out), payload],
         cwd=Path(__file__).resolve().parent.parent,
@@ -552,7 +571,7 @@ def _cell_main(out: Path, payload: str) -> None:
 
     spec = json.loads(payload)
     cell, setting = Cell(**spec["cell"]), Setting(**spec["setting"])
-    record = run_cell(cell, setting, spec["tuned"])
+    record = run_cell(cell, setting, spec["tuned"], spec["threads"])
     record["peak_rss_scope"] = "this cell's own process"
     atomic_write_text(out / "records" / f"{cell.id}.json", json.dumps(record, indent=1))
 
@@ -566,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--limit", type=int, default=None, help="run at most this many cells")
     run.add_argument("--phase", action="append", choices=("tune", "main", "ablation"))
     run.add_argument("--in-process", action="store_true", help="no subprocess per cell")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per cell (default 1: robust when the machine is shared; 0 = torch's)",
+    )
     run.add_argument("--list", action="store_true", help="print the cells and their state")
     report = sub.add_parser("report", help="write report.md and PNG plots from the records")
     report.add_argument("--out", type=Path, default=RESULTS)
@@ -591,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
             print(("done  " if c.id in done else "todo  ") + c.id)
         print(f"{len(done & {c.id for c in grid.cells})} of {len(grid.cells)} cells done")
         return 0
-    failed = run_grid(grid, out, args.in_process, args.limit, set(args.phase or ()))
+    failed = run_grid(
+        grid, out, args.in_process, args.limit, set(args.phase or ()), args.threads or None
+    )
     return 1 if failed else 0
 
 

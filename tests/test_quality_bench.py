@@ -11,7 +11,12 @@ from benchmarks.quality_report import write_report
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
-    assert quality.main(["run", "--grid", "smoke", "--out", str(out), "--in-process"]) == 0
+    assert (
+        quality.main(
+            ["run", "--grid", "smoke", "--out", str(out), "--in-process", "--threads", "0"]
+        )
+        == 0
+    )
     return out
 
 
@@ -58,7 +63,12 @@ def test_rerun_resumes_without_training_again(smoke, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in (smoke / "records").iterdir()}
     victim = next(iter(sorted(before)))
     (smoke / "records" / victim).unlink()
-    assert quality.main(["run", "--grid", "smoke", "--out", str(smoke), "--in-process"]) == 0
+    assert (
+        quality.main(
+            ["run", "--grid", "smoke", "--out", str(smoke), "--in-process", "--threads", "0"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     started = [line for line in printed.splitlines() if line.startswith("[")]
     assert started == [f"[1] {victim.removesuffix('.json')} ..."]
