@@ -349,3 +349,25 @@ def test_accelerate_prepare_matches_plain_loop():
     assert acc_lrs == plain_lrs and acc_lrs[-1] == 0.0
     for (name, p), q in zip(plain_model.named_parameters(), acc_model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_low_memory_mode_clips_like_the_standard_mode(tmp_path):
+    # The Trainer clips after backward; in low-memory mode the candidates' .grad is already
+    # gone, so UnmaskTrainer clips through the optimizer. Both runs must train the same weights.
+    results = []
+    for low_memory in (False, True):
+        model = model_without_dropout()
+        trainer = UnmaskTrainer(
+            model=model,
+            args=training_args(tmp_path / str(low_memory), max_grad_norm=0.05, save_steps=100),
+            train_dataset=TokenDataset(),
+            unmask_config=dict(method="id3", budget=60, low_memory=low_memory),
+        )
+        trainer.train()
+        norms = [entry["grad_norm"] for entry in step_logs(trainer)]
+        results.append((snapshot(model), norms))
+    (standard, norms), (low, norms_low) = results
+    assert all(n > 0.05 for n in norms)  # clipping was active at every step
+    assert norms_low == pytest.approx(norms, rel=1e-4)
+    for name, value in standard.items():
+        torch.testing.assert_close(low[name], value, rtol=1e-5, atol=1e-6, msg=name)

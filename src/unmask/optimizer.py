@@ -128,6 +128,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 f"low_memory=True is not available for method {self.method.name!r}: it needs "
                 "every weight's gradient at once; use the standard mode (low_memory=False)"
             )
+        if low_memory and _distributed_world() > 1:
+            raise ValueError(
+                "low_memory=True reads each gradient in backward, before DDP averages it over "
+                f"the {_distributed_world()} processes, so they would select different weights; "
+                "use low_memory=False under torch.distributed"
+            )
         cands = find_candidates(model, self.method, include, exclude, dense)
         self._names = [n for n, _ in cands.sparse]
         self._params = [p for _, p in cands.sparse]
@@ -819,6 +825,11 @@ def _make_inner(
         raise TypeError(f"{cls.__name__} got unexpected arguments {sorted(unknown)}")
     decoupled = cls is torch.optim.AdamW or bool(kwargs.get("decoupled_weight_decay", False))
     return SlotAdamW(params, decoupled=decoupled, **options)
+
+
+def _distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _pad(value: Any, old_shape: torch.Size, capacity: int) -> Any:

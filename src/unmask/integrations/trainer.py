@@ -346,6 +346,14 @@ class UnmaskTrainer(Trainer):
             self.optimizer = make_optimizer(target, self.args, **config)
         return self.optimizer
 
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        # In low-memory mode the candidates' gradients are gone by the time the Trainer clips;
+        # the optimizer holds the norm it measured in its hooks and the gradients it will use.
+        opt = unwrap_optimizer(self.optimizer)
+        if opt is not None and opt.low_memory:
+            return opt.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the selection telemetry to training-step logs, then log as the Trainer does."""
         opt = unwrap_optimizer(self.optimizer)
