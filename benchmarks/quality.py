@@ -511,59 +511,84 @@ def run_grid(
     limit: int | None,
     phases: set | None,
     threads: int | None = None,
+    workers: int = 1,
 ) -> int:
-    """Run every missing cell; returns the number of cells that failed."""
+    """Run every missing cell, `workers` at a time; returns the number of cells that failed.
+
+    A cell that needs a tuned learning rate waits until its method's tuning cells are done.
+    """
     (out / "records").mkdir(parents=True, exist_ok=True)
-    failed = ran = 0
-    for cell in grid.cells:
-        if phases and cell.phase not in phases:
-            continue
-        if (out / "records" / f"{cell.id}.json").is_file():
-            continue
-        if limit is not None and ran >= limit:
-            break
+    pending = [
+        c
+        for c in grid.cells
+        if not (phases and c.phase not in phases)
+        and not (out / "records" / f"{c.id}.json").is_file()
+    ]
+    running: dict[str, tuple[Cell, subprocess.Popen | None, float]] = {}
+    failed = started = 0
+    while pending or running:
         records = load_records(out)
-        tuned = None
-        if cell.lr is None:
-            if not _tuning_complete(grid, records, cell.setting, cell.method):
-                print(f"skip {cell.id}: its learning-rate tuning is not finished", flush=True)
+        progressed = False
+        for cell in list(pending):
+            if len(running) >= (1 if in_process else workers):
+                break
+            if limit is not None and started >= limit:
+                pending = []
+                break
+            tuned = None
+            if cell.lr is None:
+                if not _tuning_complete(grid, records, cell.setting, cell.method):
+                    continue
+                tuned = tuned_lrs(records)[(cell.setting, cell.method)]
+            pending.remove(cell)
+            progressed = True
+            started += 1
+            print(f"[{started}] {cell.id} ...", flush=True)
+            setting = grid.settings[cell.setting]
+            if in_process:
+                _run_in_process(cell, setting, tuned, out, threads)
+                print(f"    ok {cell.id}", flush=True)
+                break  # reload the records: this cell may finish a tuning
+            running[cell.id] = (cell, _launch(cell, setting, tuned, out, threads), time.time())
+        if progressed and not running:
+            continue
+        if not running:
+            for cell in pending:
+                print(f"skip {cell.id}: its learning-rate tuning did not finish", flush=True)
+            break
+        time.sleep(1)
+        for key, (cell, process, t0) in list(running.items()):
+            if process.poll() is None:
                 continue
-            tuned = tuned_lrs(records)[(cell.setting, cell.method)]
-        ran += 1
-        print(f"[{ran}] {cell.id} ...", flush=True)
-        started = time.perf_counter()
-        ok = _run_one(cell, grid.settings[cell.setting], tuned, out, in_process, threads)
-        failed += not ok
-        status = "ok" if ok else "FAILED"
-        print(f"    {status} in {time.perf_counter() - started:.0f} s", flush=True)
+            del running[key]
+            ok = process.returncode == 0 and (out / "records" / f"{cell.id}.json").is_file()
+            failed += not ok
+            status = "ok" if ok else "FAILED"
+            print(f"    {status} {cell.id} in {time.time() - t0:.0f} s", flush=True)
     return failed
 
 
-def _run_one(
-    cell: Cell,
-    setting: Setting,
-    tuned: float | None,
-    out: Path,
-    in_process: bool,
-    threads: int | None,
-) -> bool:
+def _run_in_process(
+    cell: Cell, setting: Setting, tuned: float | None, out: Path, threads: int | None
+) -> None:
     from unmask.files import atomic_write_text
 
-    path = out / "records" / f"{cell.id}.json"
-    if in_process:
-        record = run_cell(cell, setting, tuned, threads)
-        record["peak_rss_scope"] = "whole harness process (in-process run)"
-        atomic_write_text(path, json.dumps(record, indent=1))
-        return True
+    record = run_cell(cell, setting, tuned, threads)
+    record["peak_rss_scope"] = "whole harness process (in-process run)"
+    atomic_write_text(out / "records" / f"{cell.id}.json", json.dumps(record, indent=1))
+
+
+def _launch(
+    cell: Cell, setting: Setting, tuned: float | None, out: Path, threads: int | None
+) -> subprocess.Popen:
     payload = json.dumps(
         {"cell": asdict(cell), "setting": asdict(setting), "tuned": tuned, "threads": threads}
     )
-    done = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "benchmarks.quality", "cell", "--out", str(out), payload],
         cwd=Path(__file__).resolve().parent.parent,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
-    return done.returncode == 0 and path.is_file()
 
 
 def _cell_main(out: Path, payload: str) -> None:
@@ -585,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--limit", type=int, default=None, help="run at most this many cells")
     run.add_argument("--phase", action="append", choices=("tune", "main", "ablation"))
     run.add_argument("--in-process", action="store_true", help="no subprocess per cell")
+    run.add_argument("--workers", type=int, default=1, help="cells run at the same time")
     run.add_argument(
         "--threads",
         type=int,
@@ -617,7 +643,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(done & {c.id for c in grid.cells})} of {len(grid.cells)} cells done")
         return 0
     failed = run_grid(
-        grid, out, args.in_process, args.limit, set(args.phase or ()), args.threads or None
+        grid,
+        out,
+        args.in_process,
+        args.limit,
+        set(args.phase or ()),
+        args.threads or None,
+        args.workers,
     )
     return 1 if failed else 0
 
