@@ -142,20 +142,14 @@ def full_grid() -> Grid:
     }
     enc_budgets, enc_lora = ("0.03%", "0.1%", "lora"), ("0.03%", "0.1%")
     dec_budgets, dec_lora = ("lora/4", "lora"), ("lora/4",)
-    tune = [
-        Cell(
-            "tune",
-            "encoder",
-            "polarity",
-            m,
-            None if m in FIXED_SIZE else "0.1%",
-            0,
-            "validation",
-            lr,
-        )
-        for m in ENCODER_METHODS
-        for lr in lrs_for(m)
-    ]
+
+    def tune(methods: tuple[str, ...]) -> list[Cell]:
+        return [
+            Cell("tune", "encoder", "polarity", m, None if m in FIXED_SIZE else "0.1%", 0,
+                 "validation", lr)
+            for m in methods
+            for lr in lrs_for(m)
+        ]  # fmt: skip
 
     def main(task: str, seed: int, methods=ENCODER_METHODS, setting="encoder") -> list[Cell]:
         budgets, lora = (enc_budgets, enc_lora) if setting == "encoder" else (dec_budgets, dec_lora)
@@ -185,7 +179,12 @@ def full_grid() -> Grid:
         for m in DECODER_METHODS
         for lr in lrs_for(m)
     ]
-    cells = tune + main("polarity", 0) + ablations(0) + main("uncertainty", 0)
+    # The paper's central comparison first (ID3 against PaFi, LoRA and full fine-tuning on one
+    # task), then every other method, the ablations, the second task and more seeds.
+    core = ("full", "id3", "pafi", "lora")
+    rest = tuple(m for m in ENCODER_METHODS if m not in core)
+    cells = tune(core) + main("polarity", 0, core) + tune(rest) + main("polarity", 0, rest)
+    cells += ablations(0) + main("uncertainty", 0)
     for seed in (1, 2):
         cells += main("polarity", seed) + main("uncertainty", seed) + ablations(seed)
     cells += dec_tune
@@ -523,6 +522,7 @@ def run_grid(
         for c in grid.cells
         if not (phases and c.phase not in phases)
         and not (out / "records" / f"{c.id}.json").is_file()
+        and not _running_elsewhere(out, c)
     ]
     running: dict[str, tuple[Cell, subprocess.Popen | None, float]] = {}
     failed = started = 0
@@ -561,11 +561,23 @@ def run_grid(
             if process.poll() is None:
                 continue
             del running[key]
+            (out / "records" / f"{cell.id}.running").unlink(missing_ok=True)
             ok = process.returncode == 0 and (out / "records" / f"{cell.id}.json").is_file()
             failed += not ok
             status = "ok" if ok else "FAILED"
             print(f"    {status} {cell.id} in {time.time() - t0:.0f} s", flush=True)
     return failed
+
+
+def _running_elsewhere(out: Path, cell: Cell) -> bool:
+    """Whether a cell process started by an earlier (stopped) harness is still running."""
+    marker = out / "records" / f"{cell.id}.running"
+    try:
+        os.kill(int(marker.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    print(f"skip {cell.id}: still running in process {marker.read_text()}", flush=True)
+    return True
 
 
 def _run_in_process(
@@ -584,11 +596,13 @@ def _launch(
     payload = json.dumps(
         {"cell": asdict(cell), "setting": asdict(setting), "tuned": tuned, "threads": threads}
     )
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.quality", "cell", "--out", str(out), payload],
         cwd=Path(__file__).resolve().parent.parent,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
+    (out / "records" / f"{cell.id}.running").write_text(str(process.pid))
+    return process
 
 
 def _cell_main(out: Path, payload: str) -> None:
