@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unmask import selection
-from unmask.selection import KeySource, select_top
+from unmask.selection import KeySource, select_top, select_top_keys
 
 
 def brute_force(tensors, k, floor):
@@ -45,9 +45,13 @@ def test_select_top_matches_brute_force(sizes, data, k, floor, block):
     selection._BLOCK, selection._SMALL = block, 0
     try:
         got = select_top(sources_of(tensors), k, floor).tolist()
+        index, keys = select_top_keys(sources_of(tensors), k, floor)
     finally:
         selection._BLOCK, selection._SMALL = original
     assert got == brute_force(tensors, k, floor)
+    # The keys come back with their indices (what FSDP ranks exchange).
+    assert index.tolist() == got
+    assert torch.equal(keys, torch.cat([t.flatten() for t in tensors])[index])
 
 
 def test_select_top_block_path_with_many_ties(monkeypatch):

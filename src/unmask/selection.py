@@ -42,8 +42,13 @@ def select_top(sources: Sequence[KeySource], k: int, floor: float) -> Tensor:
     Keys that are NaN, +inf or -inf, or not strictly greater than `floor`, are never chosen, so
     fewer than `k` indices come back when fewer keys are eligible.
     """
+    return select_top_keys(sources, k, floor)[0]
+
+
+def select_top_keys(sources: Sequence[KeySource], k: int, floor: float) -> tuple[Tensor, Tensor]:
+    """`select_top`'s indices and, in the same order, their keys (what FSDP ranks exchange)."""
     if k <= 0 or not sources:
-        return torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.long), torch.empty(0)
     values, indices, hidden = [], [], []
     for source in sources:
         v, i, h = _candidates(source.fill(), k)
@@ -55,13 +60,13 @@ def select_top(sources: Sequence[KeySource], k: int, floor: float) -> Tensor:
     pool_i = torch.cat(indices)
     if pool_v.numel() < k:
         # Fewer eligible candidates than wanted: each tensor's left-out keys are not eligible.
-        return pool_i.sort().values
-    chosen, kth = lexicographic_top(pool_v, pool_i, k)
+        return _ascending(pool_i, pool_v)
+    chosen, kth = _top_positions(pool_v, pool_i, k)
     # A tensor may hold keys equal to the k-th value that its own top-k left out; they compete
     # on index, so fetch them all (rare: it needs an exact tie at the boundary).
     tied = (torch.stack(hidden).to(kth.device) == kth).nonzero().flatten().tolist()
     if not tied:
-        return chosen.sort().values
+        return _ascending(pool_i[chosen], pool_v[chosen])
     extra = []
     for t in tied:
         keys = _finite_or_neg_inf(sources[t].fill())
@@ -70,8 +75,13 @@ def select_top(sources: Sequence[KeySource], k: int, floor: float) -> Tensor:
     extra_i = extra_i[~torch.isin(extra_i, pool_i)]
     pool_i = torch.cat([pool_i, extra_i])
     pool_v = torch.cat([pool_v, kth.expand(extra_i.numel()).to(pool_v.dtype)])
-    chosen, _ = lexicographic_top(pool_v, pool_i, k)
-    return chosen.sort().values
+    chosen, _ = _top_positions(pool_v, pool_i, k)
+    return _ascending(pool_i[chosen], pool_v[chosen])
+
+
+def _ascending(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    indices, order = indices.sort()
+    return indices, values[order]
 
 
 def _candidates(keys: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -128,9 +138,15 @@ def _finite_or_neg_inf(keys: Tensor) -> Tensor:
 
 def lexicographic_top(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k entries with the largest value, lowest index first among equals; and the k-th value."""
+    positions, kth = _top_positions(values, indices, k)
+    return indices[positions], kth
+
+
+def _top_positions(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Positions of `lexicographic_top`'s entries in `values` / `indices`; and the k-th value."""
     kth = values.topk(k, sorted=False).values.min()
-    above = values > kth
+    above = (values > kth).nonzero().flatten()
     tied = (values == kth).nonzero().flatten()
-    needed = k - int(above.sum())
+    needed = k - above.numel()
     tied = tied[torch.argsort(indices[tied])[:needed]]
-    return torch.cat([indices[above], indices[tied]]), kth
+    return torch.cat([above, tied]), kth
