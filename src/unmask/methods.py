@@ -53,6 +53,19 @@ class Method:
         """
         raise NotImplementedError
 
+    def shard_keys(
+        self, name: str, shard: Tensor, signal: Tensor | None, out: Tensor, start: int, numel: int
+    ) -> Tensor:
+        """Keys of `shard`: elements [start, start + shard.numel()) of the flattened parameter
+        `name` (numel elements in all); `signal` is the same part of its gradient or Fisher sum.
+
+        A weight's keys must equal the keys a single process computes on the whole tensor, so a
+        sharded (FSDP) run selects what an unsharded one does. The default computes the keys of
+        the shard alone, right for methods whose key of a weight depends only on that weight's
+        value and signal; a method whose keys depend on the position (RandomMask) overrides it.
+        """
+        return self.keys(name, shard, signal, out)
+
     def config(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
 
@@ -125,9 +138,15 @@ class RandomMask(Method):
     seed: int = 0
 
     def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
-        # One generator per tensor name, so the same tensor always gets the same keys.
+        return self.shard_keys(name, param, signal, out, 0, param.numel())
+
+    def shard_keys(
+        self, name: str, shard: Tensor, signal: Tensor | None, out: Tensor, start: int, numel: int
+    ) -> Tensor:
+        # One generator per tensor name, so the same tensor always gets the same keys; a shard
+        # draws the whole tensor's keys and keeps its own part (O(numel) while it runs).
         generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(name.encode()))
-        return scores.uniform_random(param, out, generator)
+        return scores.uniform_random(numel, out, generator, start, shard.numel())
 
 
 @dataclass

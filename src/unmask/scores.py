@@ -43,10 +43,18 @@ def small_magnitude(param: Tensor, out: Tensor) -> Tensor:
     return _abs_into(param.detach().reshape(-1), out[: param.numel()]).neg_()
 
 
-def uniform_random(param: Tensor, out: Tensor, generator: torch.Generator) -> Tensor:
-    """i.i.d. uniform keys: the top-B of these is a uniformly random subset of size B."""
-    keys = torch.rand(param.numel(), generator=generator, dtype=out.dtype)
-    return out[: param.numel()].copy_(keys)
+def uniform_random(
+    numel: int, out: Tensor, generator: torch.Generator, start: int = 0, count: int | None = None
+) -> Tensor:
+    """i.i.d. uniform keys: the top-B of these is a uniformly random subset of size B.
+
+    Draws `numel` keys (one per weight of the tensor) and returns keys [start, start + count)
+    (all of them by default), so a shard of a tensor gets exactly its part of the whole tensor's
+    keys. Allocates `numel` keys.
+    """
+    count = numel - start if count is None else count
+    keys = torch.rand(numel, generator=generator, dtype=out.dtype)
+    return out[:count].copy_(keys[start : start + count])
 
 
 def _abs_into(x: Tensor, out: Tensor) -> Tensor:
