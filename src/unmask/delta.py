@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .files import atomic_write, atomic_write_text, file_sha256
+from .sharding import full
 
 TENSORS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
@@ -98,12 +99,16 @@ class SparseDelta:
         replace: dict[str, Tensor],
         metadata: dict[str, Any],
     ) -> SparseDelta:
-        """Build a delta from a trained model and the pretrained values at the changed indices."""
+        """Build a delta from a trained model and the pretrained values at the changed indices.
+
+        The base hashes need whole tensors: FSDP-sharded (DTensor) parameters are gathered one
+        at a time, so under FSDP every rank calls this with the same `sparse`.
+        """
         params = dict(model.named_parameters())
         names = [*sparse, *replace]
         hashes = {}
         for name, (indices, _) in sparse.items():
-            base = params[name].detach().to("cpu", copy=True).reshape(-1)
+            base = full(params[name].detach()).to("cpu", copy=True).reshape(-1)
             base[indices.long()] = base_values[name].to(base.dtype)
             hashes[name] = tensor_hash(base.view(params[name].shape))
         return cls(

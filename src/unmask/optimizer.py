@@ -34,6 +34,9 @@ from .delta import SparseDelta
 from .methods import Method, make_method
 from .schedules import Schedule, check_total_steps, get_schedule
 from .selection import KeySource, lexicographic_top, select_top
+from .sharding import Shards
+from .sharding import full as _full
+from .sharding import local as _local
 from .slot_adamw import SlotAdamW
 
 STATE_VERSION = 1
@@ -87,6 +90,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
     leave unused carries over to the next step (so |Λ| may lag the schedule, never exceed it).
+
+    FSDP2 (`fully_shard`, every trained parameter a DTensor with placement Shard(0) on a 1-D
+    mesh): build the optimizer on every rank, on the sharded model. Indices stay those of the
+    unsharded tensors, and every rank makes the same selection, the one a single process would
+    make from the same gradients (see `unmask.sharding`). What is per rank: the slots and the
+    wrapped optimizers' state (each rank keeps the selected weights inside its own shards), and
+    `state_dict()` / `load_state_dict()` (each rank saves and loads its own, with the same
+    number of ranks). What is global (the same on every rank): `num_selected`, `num_changed`,
+    `selected()`, `allocation()`, the schedule, and `delta()`, which is collective (every rank
+    must call it; all get the same delta, and rank 0 saves it). The construction of a static
+    method, `calibrate()`, `step()`, `delta()` and `clip_grad_norm_()` communicate, so every
+    rank calls them equally often. Not available under FSDP: `low_memory`,
+    `freeze_unselected`, "id3-repeat".
     """
 
     def __init__(
@@ -128,15 +144,22 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 f"low_memory=True is not available for method {self.method.name!r}: it needs "
                 "every weight's gradient at once; use the standard mode (low_memory=False)"
             )
-        if low_memory and _distributed_world() > 1:
+        cands = find_candidates(model, self.method, include, exclude, dense)
+        self._names = [n for n, _ in cands.sparse]
+        self._params = [p for _, p in cands.sparse]
+        # Offsets over the full (unsharded) tensors: the global index space of the selection
+        # and of deltas, the same with or without FSDP.
+        numels = [p.numel() for p in self._params]
+        self._offsets_list = [sum(numels[:i]) for i in range(len(numels))]
+        self._shards = Shards.detect(cands.sparse + cands.dense, self._params, self._offsets_list)
+        if self._shards is not None:
+            _refuse_under_fsdp(self.method, freeze_unselected, low_memory)
+        elif low_memory and _distributed_world() > 1:
             raise ValueError(
                 "low_memory=True reads each gradient in backward, before DDP averages it over "
                 f"the {_distributed_world()} processes, so they would select different weights; "
                 "use low_memory=False under torch.distributed"
             )
-        cands = find_candidates(model, self.method, include, exclude, dense)
-        self._names = [n for n, _ in cands.sparse]
-        self._params = [p for _, p in cands.sparse]
         self._dense_names = [n for n, _ in cands.dense]
         self._dense_params = [p for _, p in cands.dense]
         self._dense_numel = cands.dense_numel
@@ -151,10 +174,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._master = (
             torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
         )
-        numels = [p.numel() for p in self._params]
-        self._offsets_list = [sum(numels[:i]) for i in range(len(numels))]
         self._offsets = torch.tensor(self._offsets_list, dtype=torch.long, device=device)
-        self._max_numel = max(numels, default=0)
+        # Where this process's part of each candidate starts in its flattened full tensor (0
+        # unless sharded), and the global index of that part's element 0: slots, keys and
+        # reads/writes of weights work on the local part, indices stay global.
+        self._starts = self._shards.starts if self._shards else [0] * len(self._params)
+        self._origins = [o + s for o, s in zip(self._offsets_list, self._starts, strict=True)]
+        self._max_numel = max((_local(p).numel() for p in self._params), default=0)
 
         self._capacity = self.budget
         self._n = 0
@@ -192,11 +218,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.calibrated = not self.method.needs_calibration
         if kind == "static" and self.calibrated:
-            self._assign(
-                select_top(
-                    self._sources(None, exclude=False), self.budget, self.method.eligibility_floor()
-                )
-            )
+            with torch.no_grad():
+                self._assign(self._select(self._sources(None, exclude=False), self.budget))
         elif kind == "all":
             self._assign(torch.arange(self.budget, device=device))
         self.freeze_unselected = low_memory if freeze_unselected is None else freeze_unselected
@@ -277,7 +300,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self.consecutive_skips = 0
         gathered_for = self._layout
         kind = self.method.kind
-        if kind == "increment" and self._n < self.budget:
+        if kind == "increment" and self._num_chosen < self.budget:
             if self.low_memory:
                 self._unmask_from_pending()
             else:
@@ -285,7 +308,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._freeze_if_final()
         elif kind == "repeat":
             self._reselect()
-        if self._layout:
+        # Under FSDP a rank may hold none of the selected weights yet; it still steps its (zero)
+        # slots, so that a per-tensor step count (adam_step="global") matches a single process.
+        if self._layout or (self._shards is not None and self._num_chosen > 0):
             if self._layout is not gathered_for and not self.low_memory:
                 self._gather_grads()  # new weights were unmasked
             saved = self._delta.clone() if self._active is not None else None
@@ -306,7 +331,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if not self.freeze_unselected or not self.calibrated:
             return
         kind = self.method.kind
-        if kind in ("static", "all") or (kind == "increment" and self._n >= self.budget):
+        if kind in ("static", "all") or (kind == "increment" and self._num_chosen >= self.budget):
             holding = {i for i, _, _ in self._touched}
             for i, p in enumerate(self._params):
                 if i not in holding:
@@ -317,16 +342,20 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
         Only selected weights and dense parameters are checked (O(B) plus the dense size):
         weights chosen this step are finite by construction, since non-finite scores are never
-        selected.
+        selected. Under FSDP the answer is every rank's (collective): a non-finite gradient may
+        sit in one rank's shard only, and the ranks must skip a step together.
         """
+        finite = True
         if self._layout:
             if not self.low_memory:
                 self._gather_grads()
-            if not bool(torch.isfinite(self._delta.grad).all()):
-                return False
-        return all(
-            bool(torch.isfinite(p.grad).all()) for p in self._dense_params if p.grad is not None
+            finite = bool(torch.isfinite(self._delta.grad).all())
+        finite = finite and all(
+            bool(torch.isfinite(_local(p.grad)).all())
+            for p in self._dense_params
+            if p.grad is not None
         )
+        return finite if self._shards is None else self._shards.all_true(finite)
 
     def _skip_step(self) -> None:
         self._clear_pending()
@@ -356,14 +385,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     def _unmask(self, step: int) -> None:
         target = min(self.schedule.cumulative(step, self.budget, self.total_steps), self.budget)
-        k = target - self._n
+        k = target - self._num_chosen
         if k <= 0:
             return
         signals = [p.grad for p in self._params] if self.method.needs_grad else None
-        chosen = select_top(
-            self._sources(signals, exclude=True), k, self.method.eligibility_floor()
-        )
-        self._assign(chosen)
+        self._assign(self._select(self._sources(signals, exclude=True), k))
+
+    def _select(self, sources: list[KeySource], k: int) -> Tensor:
+        """Ascending global indices of the at most k best eligible keys; under FSDP, over every
+        rank's shards and the same on every rank (collective)."""
+        floor = self.method.eligibility_floor()
+        if self._shards is None:
+            return select_top(sources, k, floor)
+        return self._shards.select(sources, k, floor)
 
     def _reselect(self) -> None:
         chosen = select_top(
@@ -397,14 +431,18 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 continue
 
             skip = excluded.get(i)
+            shard = _local(p)
+            signal = None if signal is None else _local(signal)
 
-            def fill(name=name, p=p, signal=signal, skip=skip) -> Tensor:
-                keys = self.method.keys(name, p, signal, scratch)
+            def fill(i=i, name=name, shard=shard, signal=signal, skip=skip) -> Tensor:
+                keys = self.method.shard_keys(
+                    name, shard, signal, scratch, self._starts[i], self._params[i].numel()
+                )
                 if skip is not None:
                     keys.index_fill_(0, skip, _NEG_INF)
                 return keys
 
-            sources.append(KeySource(self._offsets_list[i], fill))
+            sources.append(KeySource(self._origins[i], fill))
         return sources
 
     # ------------------------------------------------------------------ low-memory mode
@@ -494,7 +532,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` computes it; in
         low-memory mode it comes from the hooks (with several micro-batches: the root of the
         summed per-micro-batch squared norms). Call after backward, before step(). Returns the
-        norm before clipping.
+        norm before clipping. Under FSDP, the norm of the full gradients (collective).
         """
         dense = [p.grad for p in self._dense_params if p.grad is not None]
         if self.low_memory:
@@ -503,7 +541,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             grads = [self._delta.grad, *dense, *(g for _, _, _, g in self._pending)]
         else:
             grads = [p.grad for p in self._params if p.grad is not None] + dense
-            norm = torch.nn.utils.get_total_norm(grads).cpu() if grads else torch.tensor(0.0)
+            if self._shards is not None:  # the norm of the full gradients, from every rank
+                norm = self._shards.total_norm(grads)
+            else:
+                norm = torch.nn.utils.get_total_norm(grads).cpu() if grads else torch.tensor(0.0)
         scale = max_norm / (float(norm) + 1e-6)
         if scale < 1.0:
             for g in grads:
@@ -513,7 +554,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ slots
 
     def _assign(self, chosen: Tensor) -> None:
-        """Give each global index in `chosen` (ascending) a fresh slot with zero delta and state."""
+        """Give each global index in `chosen` (ascending) a fresh slot with zero delta and state.
+
+        Under FSDP `chosen` is the global choice (the same on every rank); this rank records it
+        and assigns slots to the part inside its own shards.
+        """
+        if self._shards is not None:
+            chosen = self._shards.take(chosen)
         m = chosen.numel()
         if m == 0:
             return
@@ -526,8 +573,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         start = n
         for i, c in enumerate(counts):
             if c:
-                local = chosen[start - n : start - n + c] - self._offsets_list[i]
-                flat = self._params[i].detach().view(-1)
+                local = chosen[start - n : start - n + c] - self._origins[i]
+                flat = _local(self._params[i]).detach().view(-1)
                 self._base[start : start + c] = flat.index_select(0, local).to(self._master)
                 start += c
         self._delta[n : n + m] = 0
@@ -572,12 +619,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._layout = self._group(self._sorted_slots[keep], self._sorted_index[keep])
 
     def _group(self, slots: Tensor, index: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+        """(tensor, slots, flat indices into this process's part of the tensor), per tensor."""
         tensor_of = torch.searchsorted(self._offsets, index, right=True) - 1
         counts = torch.bincount(tensor_of, minlength=len(self._params)).tolist()
         groups, start = [], 0
         for i, c in enumerate(counts):
             if c:
-                local = index[start : start + c] - self._offsets_list[i]
+                local = index[start : start + c] - self._origins[i]
                 groups.append((i, slots[start : start + c], local))
                 start += c
         return groups
@@ -588,14 +636,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for i, slots, local in self._layout:
             grad = self._params[i].grad
             if grad is not None:
-                picked = grad.detach().reshape(-1).index_select(0, local)
+                picked = _local(grad).detach().reshape(-1).index_select(0, local)
                 flat_grad.index_copy_(0, slots, picked.to(flat_grad.dtype))
 
     def _write_back(self, layout: list[tuple[int, Tensor, Tensor]]) -> None:
         values = self._base + self._delta
         for i, slots, local in layout:
-            p = self._params[i]
-            p.detach().view(-1).index_copy_(0, local, values.index_select(0, slots).to(p.dtype))
+            p = _local(self._params[i]).detach()
+            p.view(-1).index_copy_(0, local, values.index_select(0, slots).to(p.dtype))
 
     # ------------------------------------------------------------------ calibration (FISH)
 
@@ -616,7 +664,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"method {self.method.name!r} does not use calibration batches")
         if num_batches is not None and num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        fisher = [torch.zeros_like(_local(p), dtype=torch.float32) for p in self._params]
         self._tapping = False
         try:
             used = self._accumulate_fisher(batches, loss_fn, num_batches, fisher)
@@ -625,11 +673,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self.zero_grad()
         if used == 0:
             raise ValueError("calibrate() got no batches; pass at least one batch")
-        self._assign(
-            select_top(
-                self._sources(fisher, exclude=False), self.budget, self.method.eligibility_floor()
-            )
-        )
+        self._assign(self._select(self._sources(fisher, exclude=False), self.budget))
         self.calibrated = True
         self._freeze_if_final()
 
@@ -651,25 +695,31 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 loss.backward()
             for acc, p in zip(fisher, self._params, strict=True):
                 if p.grad is not None:
-                    acc.addcmul_(p.grad, p.grad)
+                    grad = _local(p.grad)  # under FSDP: this rank's rows of the averaged gradient
+                    acc.addcmul_(grad, grad)
             used += 1
         return used
 
     # ------------------------------------------------------------------ inspection
 
     @property
+    def _num_chosen(self) -> int:
+        """Weights selected so far on all ranks together (this process's slots, unless sharded)."""
+        return self._n if self._shards is None else self._shards.chosen.numel()
+
+    @property
     def num_selected(self) -> int:
-        """Weights currently selected for training (all weights, for `full`)."""
+        """Weights currently selected for training (all weights, for `full`); global under FSDP."""
         if self.method.kind == "dense":
             return self._dense_numel
         if self._active is not None:
             return int(self._active.sum())
-        return self._n
+        return self._num_chosen
 
     @property
     def num_changed(self) -> int:
         """Weights whose value may differ from the pretrained model (what the delta stores)."""
-        return self._n + self._dense_numel
+        return self._num_chosen + self._dense_numel
 
     @property
     def dense_names(self) -> list[str]:
@@ -677,40 +727,65 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return list(self._dense_names)
 
     def selected(self) -> dict[str, Tensor]:
-        """Per candidate tensor, the ascending flat indices of its selected weights (int64)."""
+        """Per candidate tensor, the ascending flat indices of its selected weights (int64).
+
+        Under FSDP: every rank's selection, as flat indices of the full tensors (no communication).
+        """
+        if self._shards is not None:
+            return {self._names[i]: flat for i, flat in self._shards.chosen_by_tensor()}
         return {self._names[i]: local.clone() for i, _, local in self._layout}
 
     def allocation(self) -> dict[str, int]:
         """Per parameter name, how many of its weights may have changed (dense ones: all)."""
-        counts = {self._names[i]: int(local.numel()) for i, _, local in self._touched}
+        if self._shards is not None:
+            counts = {self._names[i]: flat.numel() for i, flat in self._shards.chosen_by_tensor()}
+        else:
+            counts = {self._names[i]: int(local.numel()) for i, _, local in self._touched}
         counts.update(
             {n: p.numel() for n, p in zip(self._dense_names, self._dense_params, strict=True)}
         )
         return counts
 
     def state_bytes(self) -> int:
-        """Bytes of every persistent buffer this optimizer holds (slots and optimizer state)."""
+        """Bytes of every persistent buffer this optimizer holds (slots and optimizer state);
+        under FSDP, this rank's."""
         buffers = [self._delta, self._delta.grad, self._base, self._index]
         if self._active is not None:
             buffers.append(self._active)
         for inner in (self._sparse, self._dense):
             if inner is not None:
                 buffers += [
-                    v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)
+                    _local(v)
+                    for s in inner.state.values()
+                    for v in s.values()
+                    if torch.is_tensor(v)
                 ]
         return sum(b.numel() * b.element_size() for b in buffers)
 
     # ------------------------------------------------------------------ results and checkpoints
 
     def delta(self) -> SparseDelta:
-        """The trained change: the selected weights' deltas plus the dense tensors."""
+        """The trained change: the selected weights' deltas plus the dense tensors.
+
+        Under FSDP this is collective: every rank must call it. It gathers every rank's slots
+        and the full dense tensors, and every rank gets the same delta, the one an unsharded
+        process would make (indices of the full tensors); save it from rank 0.
+        """
+        if self._shards is None:
+            entries = [
+                (i, local, self._delta[slots], self._base[slots])
+                for i, slots, local in self._touched
+            ]
+        else:
+            n = self._n
+            entries = self._shards.gather_selected(self._index[:n], self._delta[:n], self._base[:n])
         sparse, base_values = {}, {}
-        for i, slots, local in self._touched:
+        for i, flat, change, base in entries:
             index_dtype = torch.int32 if self._params[i].numel() < 2**31 else torch.long
-            sparse[self._names[i]] = (local.to(index_dtype).cpu(), self._delta[slots].cpu())
-            base_values[self._names[i]] = self._base[slots].cpu()
+            sparse[self._names[i]] = (flat.to(index_dtype).cpu(), change.cpu())
+            base_values[self._names[i]] = base.cpu()
         replace = {
-            n: p.detach().cpu().clone()
+            n: _full(p.detach()).cpu().clone()
             for n, p in zip(self._dense_names, self._dense_params, strict=True)
         }
         metadata = {
@@ -726,8 +801,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return SparseDelta.from_training(self.model, sparse, base_values, replace, metadata)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: slots, wrapped optimizer state, counters, configuration."""
+        """Everything needed to resume: slots, wrapped optimizer state, counters, configuration.
+
+        Under FSDP it is this rank's (its slots and shards' state, plus the global selection):
+        each rank saves its own and loads it back on the same rank of as many ranks.
+        """
         n = self._n
+        sharded = None
+        if self._shards is not None:
+            sharded = {
+                "rank": self._shards.rank,
+                "world": self._shards.world,
+                "chosen": self._shards.chosen.clone(),
+            }
         return {
             "unmask": {
                 "version": STATE_VERSION,
@@ -750,6 +836,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             "active": None if self._active is None else self._active[:n].clone(),
             "sparse_optimizer": self._sparse.state_dict() if self._sparse else None,
             "dense_optimizer": self._dense.state_dict() if self._dense else None,
+            "sharded": sharded,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -776,6 +863,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                     f"checkpoint was made with {key}={_short(meta[key])}, this optimizer has "
                     f"{key}={_short(value)}; build the optimizer with the same settings to resume"
                 )
+        self._load_sharding(state_dict.get("sharded"))
         if meta["capacity"] != self._capacity:
             self._resize(meta["capacity"])
         n = meta["num_slots"]
@@ -801,6 +889,39 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             self._write_back(self._touched)
         self._freeze_if_final()
+
+    def _load_sharding(self, saved: dict[str, Any] | None) -> None:
+        """Check that a checkpoint's sharding matches this optimizer's; restore the selection."""
+        shards = self._shards
+        mine = None if shards is None else {"rank": shards.rank, "world": shards.world}
+        theirs = None if saved is None else {"rank": saved["rank"], "world": saved["world"]}
+        if mine != theirs:
+            raise ValueError(
+                f"checkpoint was saved with sharding {theirs} (None: not sharded), this optimizer "
+                f"has {mine}; under FSDP each rank loads the state_dict it saved itself, with as "
+                "many ranks as when it was saved"
+            )
+        if shards is not None:
+            shards.chosen = saved["chosen"].to(shards.device)
+
+
+def _refuse_under_fsdp(method: Method, freeze_unselected: bool | None, low_memory: bool) -> None:
+    """ValueError for the options that do not work on FSDP-sharded parameters, with what to do."""
+    if low_memory:
+        raise ValueError(
+            "low_memory=True is not available on FSDP-sharded models (its per-tensor gradient "
+            "hooks are not built for FSDP's sharded, averaged gradients); use low_memory=False"
+        )
+    if freeze_unselected:
+        raise ValueError(
+            "freeze_unselected=True is not available on FSDP-sharded models: it changes the "
+            "requires_grad flags of parameters that FSDP manages; use freeze_unselected=False"
+        )
+    if method.kind == "repeat":
+        raise ValueError(
+            f"method {method.name!r} is not available on FSDP-sharded models (its slots change "
+            "owners every step); use 'id3'"
+        )
 
 
 def _make_inner(
