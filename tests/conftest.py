@@ -16,9 +16,10 @@ from transformers import (
 VOCAB = 100
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, **shapes: int) -> BertForSequenceClassification:
+    """A tiny random BERT classifier in eval mode; `shapes` override its BertConfig fields."""
     torch.manual_seed(seed)
-    config = BertConfig(
+    options = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
@@ -27,7 +28,7 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
         max_position_embeddings=64,
         num_labels=2,
     )
-    return BertForSequenceClassification(config).eval()
+    return BertForSequenceClassification(BertConfig(**{**options, **shapes})).eval()
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
