@@ -9,6 +9,7 @@ import torch
 from conftest import MODELS, make_batches, snapshot, tiny_bert
 
 from unmask import SelectiveOptimizer
+from unmask import optimizer as optimizer_module
 
 STEPS = 6
 
@@ -190,3 +191,15 @@ def test_nonfinite_gradient_skips_the_step():
 def test_methods_that_need_every_gradient_are_refused(method):
     with pytest.raises(ValueError, match="low_memory"):
         SelectiveOptimizer(tiny_bert(), method=method, budget="5%", total_steps=3, low_memory=True)
+
+
+@pytest.mark.parametrize("method", ["id3", "increment-pafi"])
+def test_chunked_ranking_selects_what_the_standard_mode_selects(method, monkeypatch):
+    # Real tensors are ranked in chunks of a million weights; the tiny models' tensors fit in
+    # one chunk, so make chunks small enough to split every tensor (and not divide it evenly).
+    monkeypatch.setattr(optimizer_module, "_KEY_CHUNK", 37)
+    batches = make_batches("bert", STEPS)
+    standard, _, chosen = _run("bert", method, False, batches)
+    low, _, chosen_low = _run("bert", method, True, batches)
+    assert chosen_low == chosen
+    _assert_same_model(standard, low)

@@ -33,13 +33,15 @@ from .candidates import Patterns, find_candidates
 from .delta import SparseDelta
 from .methods import Method, make_method
 from .schedules import Schedule, check_total_steps, get_schedule
-from .selection import KeySource, lexicographic_top, select_top
+from .selection import KeySource, lexicographic_top, select_top, select_top_keys
 from .sharding import Shards
 from .sharding import full as _full
 from .sharding import local as _local
 from .slot_adamw import SlotAdamW
 
 STATE_VERSION = 1
+# Low-memory mode ranks a tensor's weights in chunks of this many (4 MB of float32 keys).
+_KEY_CHUNK = 1 << 20
 _NEG_INF = float("-inf")
 
 
@@ -468,17 +470,36 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 break
         k = self._quota()
         if k > 0:
-            keys = self.method.keys(
-                self._names[i], param, grad, torch.empty_like(flat, dtype=torch.float32)
+            local, keys = select_top_keys(
+                self._chunk_sources(i, param, flat), k, self.method.eligibility_floor()
             )
-            excluded = next((local for j, _, local in self._touched if j == i), None)
-            if excluded is not None:
-                keys.index_fill_(0, excluded, _NEG_INF)
-            local = select_top([KeySource(0, lambda: keys)], k, self.method.eligibility_floor())
-            self._pending.append(
-                (i, local, keys.index_select(0, local), flat.index_select(0, local).clone())
-            )
+            self._pending.append((i, local, keys, flat.index_select(0, local).clone()))
         param.grad = None
+
+    def _chunk_sources(self, i: int, param: Tensor, flat_grad: Tensor) -> list[KeySource]:
+        """Tensor i's keys in chunks of _KEY_CHUNK weights sharing one scratch buffer, so that
+        ranking a tensor in a hook needs O(chunk) memory on top of its gradient, not O(numel)."""
+        name, numel = self._names[i], flat_grad.numel()
+        flat_param = param.detach().reshape(-1)
+        scratch = torch.empty(min(numel, _KEY_CHUNK), dtype=torch.float32, device=flat_grad.device)
+        excluded = next((local for j, _, local in self._touched if j == i), None)
+
+        def source(a: int) -> KeySource:
+            b = min(a + _KEY_CHUNK, numel)
+
+            def fill() -> Tensor:
+                keys = self.method.shard_keys(
+                    name, flat_param[a:b], flat_grad[a:b], scratch, a, numel
+                )
+                if excluded is not None:  # ascending: the chunk's part is one slice
+                    bounds = torch.tensor([a, b], device=excluded.device)
+                    lo, hi = torch.searchsorted(excluded, bounds).tolist()
+                    keys.index_fill_(0, excluded[lo:hi] - a, _NEG_INF)
+                return keys
+
+            return KeySource(a, fill)
+
+        return [source(a) for a in range(0, numel, _KEY_CHUNK)]
 
     def _quota(self) -> int:
         """How many weights the coming step unmasks (increment methods; 0 once B is spent)."""
