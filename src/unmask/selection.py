@@ -20,6 +20,8 @@ from torch import Tensor
 _BLOCK = 128
 # Below this many keys one plain top-k is cheaper than the few extra calls blocks need.
 _SMALL = 16384
+# The candidate pool is cut back to its top-k whenever it holds more than this many times k.
+_PRUNE_AT = 4
 
 
 @dataclass
@@ -50,12 +52,20 @@ def select_top_keys(sources: Sequence[KeySource], k: int, floor: float) -> tuple
     if k <= 0 or not sources:
         return torch.empty(0, dtype=torch.long), torch.empty(0)
     values, indices, hidden = [], [], []
+    pooled = 0
     for source in sources:
         v, i, h = _candidates(source.fill(), k)
         keep = v > floor
         values.append(v[keep])
         indices.append(i[keep] + source.offset)
         hidden.append(h)
+        pooled += values[-1].numel()
+        if pooled > _PRUNE_AT * k:
+            # Keep the pool O(k) across many tensors: a candidate outside the pool's top-k has
+            # k better ones, so it cannot be chosen (ties left out are refetched below).
+            pool_v, pool_i = torch.cat(values), torch.cat(indices)
+            best, _ = _top_positions(pool_v, pool_i, k)
+            values, indices, pooled = [pool_v[best]], [pool_i[best]], k
     pool_v = torch.cat(values)
     pool_i = torch.cat(indices)
     if pool_v.numel() < k:
