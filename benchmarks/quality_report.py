@@ -103,7 +103,12 @@ def tuning_table(records: list[dict]) -> list[str]:
             f"{r['lr']:g}: {100 * r['value']:.1f}" for r in sorted(group, key=lambda r: r["lr"])
         )
         best = chosen.get((setting, method))
-        lines.append(f"| {setting} | {task} | {method} | {budget or '–'} | {tried} | {best:g} |")
+        rates = sorted(r["lr"] for r in group)
+        edge = " (edge of the search)" if best in (rates[0], rates[-1]) and len(rates) > 1 else ""
+        lines.append(
+            f"| {setting} | {Path(task).stem} | {method} | {budget or '–'} | {tried} | "
+            f"{best:g}{edge} |"
+        )
     return lines + [""]
 
 
