@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import MODELS, make_batches, snapshot, tiny_bert
+from conftest import MODELS, make_batches, snapshot, tiny_bert, tiny_llama
 
 from unmask import SelectiveOptimizer
 from unmask import optimizer as optimizer_module
@@ -203,3 +203,97 @@ def test_chunked_ranking_selects_what_the_standard_mode_selects(method, monkeypa
     low, _, chosen_low = _run("bert", method, True, batches)
     assert chosen_low == chosen
     _assert_same_model(standard, low)
+
+
+@pytest.mark.parametrize("total_steps", [1, 2])
+def test_candidate_pool_cut_back_keeps_the_exact_selection(total_steps):
+    # With T = 1 or 2 each step unmasks half the budget or all of it, so the candidates of the
+    # many tensors pile up far beyond 4k and the pool is cut back during backward.
+    batches = make_batches("llama", total_steps)
+    chosen = []
+    for low_memory in (False, True):
+        model = tiny_llama()
+        opt = SelectiveOptimizer(
+            model,
+            method="id3",
+            budget="20%",
+            total_steps=total_steps,
+            lr=1e-2,
+            low_memory=low_memory,
+        )
+        for batch in batches:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        chosen.append({n: i.tolist() for n, i in opt.selected().items()})
+    assert chosen[0] == chosen[1]
+
+
+def test_increment_pafi_ranks_tensors_without_gradients_too():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.used = torch.nn.Linear(8, 8)
+            self.unused = torch.nn.Linear(8, 8)
+            with torch.no_grad():
+                self.unused.weight.mul_(1e-3)  # the smallest weights, but no gradient
+
+    chosen = []
+    for low_memory in (False, True):
+        model = Model()
+        opt = SelectiveOptimizer(
+            model,
+            method="increment-pafi",
+            budget=10,
+            total_steps=2,
+            lr=1e-2,
+            low_memory=low_memory,
+        )
+        for _ in range(2):
+            model.used(torch.ones(2, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        chosen.append({n: i.tolist() for n, i in opt.selected().items()})
+    assert chosen[0] == chosen[1] and "unused.weight" in chosen[1]
+
+
+def test_close_and_dropping_the_optimizer_release_the_model_gradients():
+    import gc
+
+    batch = make_batches("bert", 1)[0]
+    model = tiny_bert()
+    opt = SelectiveOptimizer(
+        model,
+        method="id3",
+        budget=50,
+        total_steps=2,
+        lr=1e-2,
+        low_memory=True,
+        freeze_unselected=False,
+    )
+    del opt
+    gc.collect()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())  # no stale hook consumed them
+    model.zero_grad()
+    opt = SelectiveOptimizer(
+        model,
+        method="id3",
+        budget=50,
+        total_steps=2,
+        lr=1e-2,
+        low_memory=True,
+        freeze_unselected=False,
+    )
+    opt.close()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_micro_batches_with_log_keys_follow_the_schedule():
+    # score_exp=2 ranks by log keys; candidates from several micro-batches take their largest.
+    batches = make_batches("llama", STEPS, batch=4)
+    _, opt, history = _run("llama", "id3", True, batches, micro=2, score_exp=2.0)
+    counts = [sum(len(v) for v in h.values()) for h in history]
+    assert counts == [min(opt.budget, opt.budget * (t + 1) // STEPS) for t in range(STEPS)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -226,16 +227,22 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._assign(torch.arange(self.budget, device=device))
         self.freeze_unselected = low_memory if freeze_unselected is None else freeze_unselected
         self.low_memory = low_memory
+        # Hooks hold only a weak reference: a dropped optimizer must not keep consuming the
+        # model's gradients (close() also removes them).
+        this = weakref.ref(self)
         self._hooks = (
             [
-                p.register_post_accumulate_grad_hook(self._make_hook(i))
+                p.register_post_accumulate_grad_hook(_TapHook(this, i))
                 for i, p in enumerate(self._params)
             ]
             if low_memory
             else []
         )
-        self._pending: list[tuple[int, Tensor, Tensor, Tensor]] = []
-        self._grad_sq = 0.0
+        # Low-memory mode, per step: candidates (global index, key, gradient), tensors seen.
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._pending_count = 0
+        self._seen: set[int] = set()
+        self._grad_sq = torch.zeros((), dtype=torch.float64, device=device)
         self._tapping = True  # off while calibrate() needs whole gradients
         self._freeze_if_final()
 
@@ -449,12 +456,15 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ low-memory mode
 
-    def _make_hook(self, i: int) -> Callable[[Tensor], None]:
-        def hook(param: Tensor) -> None:
-            with torch.no_grad():
-                self._consume_grad(i, param)
+    def close(self) -> None:
+        """Remove the low-memory mode's gradient hooks from the model.
 
-        return hook
+        Call before building another optimizer on the same model. `requires_grad` flags that
+        `freeze_unselected` turned off stay off (set them back with `requires_grad_(True)`).
+        """
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _consume_grad(self, i: int, param: Tensor) -> None:
         """Take what the step needs from tensor i's fresh gradient, then free the gradient."""
@@ -462,35 +472,73 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if grad is None or not self._tapping:
             return
         flat = grad.detach().reshape(-1)
-        self._grad_sq += float(torch.linalg.vector_norm(flat)) ** 2
+        self._grad_sq += torch.linalg.vector_norm(flat, dtype=torch.float32).double().square()
         for j, slots, local in self._layout:
             if j == i:
                 picked = flat.index_select(0, local).to(self._delta.dtype)
                 self._delta.grad.index_add_(0, slots, picked)
                 break
+        self._seen.add(i)
         k = self._quota()
-        if k > 0:
-            local, keys = select_top_keys(
-                self._chunk_sources(i, param, flat), k, self.method.eligibility_floor()
-            )
-            self._pending.append((i, local, keys, flat.index_select(0, local).clone()))
+        if k > 0 and flat.numel():
+            self._add_candidates(i, param, flat, k)
         param.grad = None
 
-    def _chunk_sources(self, i: int, param: Tensor, flat_grad: Tensor) -> list[KeySource]:
+    def _add_candidates(self, i: int, param: Tensor, flat_grad: Tensor | None, k: int) -> None:
+        """Keep tensor i's top-k (global index, key, gradient); cut the pool back to O(k)."""
+        local, keys = select_top_keys(
+            self._chunk_sources(i, param, flat_grad), k, self.method.eligibility_floor()
+        )
+        local, keys = local.to(param.device), keys.to(param.device)
+        grads = (
+            torch.zeros(local.numel(), dtype=self._delta.dtype, device=param.device)
+            if flat_grad is None
+            else flat_grad.index_select(0, local).to(self._delta.dtype)
+        )
+        self._pending.append((local + self._offsets_list[i], keys, grads))
+        self._pending_count += local.numel()
+        if self._pending_count > 4 * k:
+            # Within one backward, a candidate outside the pool's top-k has k better ones.
+            self._pending = [self._merged_pending(k)]
+            self._pending_count = self._pending[0][0].numel()
+
+    def _merged_pending(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The pool's at most k best (ascending global index, key, gradient).
+
+        A weight that came back from several micro-batches takes its largest key (keys may be
+        logarithms, so they are not added) and the sum of its gradients.
+        """
+        device = self._offsets.device
+        index = torch.cat([x for x, _, _ in self._pending]).to(device)
+        keys = torch.cat([v for _, v, _ in self._pending]).to(device)
+        grads = torch.cat([g for _, _, g in self._pending]).to(device)
+        index, where = torch.unique(index, sorted=True, return_inverse=True)
+        best = torch.full((index.numel(),), _NEG_INF, dtype=keys.dtype, device=device)
+        best.scatter_reduce_(0, where, keys, reduce="amax")
+        summed = torch.zeros(index.numel(), dtype=grads.dtype, device=device)
+        summed.index_add_(0, where, grads)
+        keep = best > self.method.eligibility_floor()
+        index, best, summed = index[keep], best[keep], summed[keep]
+        if index.numel() > k:
+            top, _ = lexicographic_top(best, index, k)
+            order = torch.searchsorted(index, top.sort().values)
+            index, best, summed = index[order], best[order], summed[order]
+        return index, best, summed
+
+    def _chunk_sources(self, i: int, param: Tensor, flat_grad: Tensor | None) -> list[KeySource]:
         """Tensor i's keys in chunks of _KEY_CHUNK weights sharing one scratch buffer, so that
         ranking a tensor in a hook needs O(chunk) memory on top of its gradient, not O(numel)."""
-        name, numel = self._names[i], flat_grad.numel()
-        flat_param = param.detach().reshape(-1)
-        scratch = torch.empty(min(numel, _KEY_CHUNK), dtype=torch.float32, device=flat_grad.device)
+        name, flat_param = self._names[i], param.detach().reshape(-1)
+        numel = flat_param.numel()
+        scratch = torch.empty(min(numel, _KEY_CHUNK), dtype=torch.float32, device=param.device)
         excluded = next((local for j, _, local in self._touched if j == i), None)
 
         def source(a: int) -> KeySource:
             b = min(a + _KEY_CHUNK, numel)
 
             def fill() -> Tensor:
-                keys = self.method.shard_keys(
-                    name, flat_param[a:b], flat_grad[a:b], scratch, a, numel
-                )
+                signal = None if flat_grad is None else flat_grad[a:b]
+                keys = self.method.shard_keys(name, flat_param[a:b], signal, scratch, a, numel)
                 if excluded is not None:  # ascending: the chunk's part is one slice
                     bounds = torch.tensor([a, b], device=excluded.device)
                     lo, hi = torch.searchsorted(excluded, bounds).tolist()
@@ -513,53 +561,47 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
         The k largest keys of all tensors lie in the union of each tensor's own k largest, and
         both orders break ties by the lowest index, so this equals the standard mode's choice.
+        Methods that rank without gradients (increment-pafi) also rank the tensors that got no
+        gradient this step, as the standard mode does (their first update is then zero).
         """
         k = self._quota()
-        if k <= 0 or not self._pending:
+        if k <= 0:
             return
-        device = self._offsets.device
-        index = torch.cat([local + self._offsets_list[i] for i, local, _, _ in self._pending])
-        keys = torch.cat([v for _, _, v, _ in self._pending]).to(device)
-        grads = torch.cat([g.to(self._delta.dtype) for _, _, _, g in self._pending]).to(device)
-        # Micro-batches: the same weight may come back from several backward passes.
-        index, where = torch.unique(index, sorted=True, return_inverse=True)
-        keys = torch.zeros(index.numel(), dtype=keys.dtype, device=device).index_add_(
-            0, where, keys
-        )
-        grads = torch.zeros(index.numel(), dtype=grads.dtype, device=device).index_add_(
-            0, where, grads
-        )
-        keep = keys > self.method.eligibility_floor()
-        index, keys, grads = index[keep], keys[keep], grads[keep]
-        if index.numel() > k:
-            chosen = lexicographic_top(keys, index, k)[0].sort().values
-        else:
-            chosen = index
+        if not self.method.needs_grad:
+            for i, p in enumerate(self._params):
+                if i not in self._seen and p.numel():
+                    self._add_candidates(i, p, None, k)
+        if not self._pending:
+            return
+        index, _, grads = self._merged_pending(k)
         n = self._n
-        self._assign(chosen)
-        self._delta.grad[n : self._n] = grads[torch.searchsorted(index, chosen)]
+        self._assign(index)
+        self._delta.grad[n : self._n] = grads
 
     def _clear_pending(self) -> None:
         if self.low_memory:
-            self._pending = []
-            self._grad_sq = 0.0
+            self._pending, self._pending_count, self._seen = [], 0, set()
+            self._grad_sq.zero_()
             self._delta.grad.zero_()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Scale the gradients this step will use so that their global L2 norm is <= max_norm.
 
-        The norm is over every candidate and dense gradient, as
-        `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` computes it; in
-        low-memory mode it comes from the hooks (with several micro-batches: the root of the
+        The norm is over the gradients of the parameters this optimizer trains (candidates and
+        dense ones), as `torch.nn.utils.clip_grad_norm_` computes it over them; parameters
+        outside the candidates, and tensors frozen by `freeze_unselected`, have no part in it.
+        In low-memory mode it comes from the hooks (with several micro-batches: the root of the
         summed per-micro-batch squared norms). Call after backward, before step(). Returns the
         norm before clipping. Under FSDP, the norm of the full gradients (collective).
         """
         dense = [p.grad for p in self._dense_params if p.grad is not None]
         if self.low_memory:
-            square = self._grad_sq + sum(float(g.double().square().sum()) for g in dense)
-            norm = torch.tensor(square).sqrt()
-            grads = [self._delta.grad, *dense, *(g for _, _, _, g in self._pending)]
+            square = self._grad_sq + sum(
+                torch.linalg.vector_norm(g, dtype=torch.float32).double().square() for g in dense
+            )
+            norm = square.sqrt().cpu()
+            grads = [self._delta.grad, *dense, *(g for _, _, g in self._pending)]
         else:
             grads = [p.grad for p in self._params if p.grad is not None] + dense
             if self._shards is not None:  # the norm of the full gradients, from every rank
@@ -743,6 +785,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return self._num_chosen + self._dense_numel
 
     @property
+    def sharded(self) -> bool:
+        """Whether the model's parameters are FSDP2 shards (see sharding.py)."""
+        return self._shards is not None
+
+    @property
     def dense_names(self) -> list[str]:
         """Parameters trained whole by the wrapped optimizer (a new head; all, for `full`)."""
         return list(self._dense_names)
@@ -865,6 +912,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
         Dense parameters are not written: load them with the model checkpoint.
         """
+        self._clear_pending()
         meta = state_dict.get("unmask") if isinstance(state_dict, dict) else None
         if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
             raise ValueError(
@@ -943,6 +991,19 @@ def _refuse_under_fsdp(method: Method, freeze_unselected: bool | None, low_memor
             f"method {method.name!r} is not available on FSDP-sharded models (its slots change "
             "owners every step); use 'id3'"
         )
+
+
+class _TapHook:
+    """Post-accumulate-grad hook: hands tensor i's gradient to the optimizer while it lives."""
+
+    def __init__(self, optimizer: weakref.ref, i: int) -> None:
+        self.optimizer, self.i = optimizer, i
+
+    def __call__(self, param: Tensor) -> None:
+        opt = self.optimizer()
+        if opt is not None:
+            with torch.no_grad():
+                opt._consume_grad(self.i, param)
 
 
 def _make_inner(

@@ -254,6 +254,12 @@ class UnmaskCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kw):
         opt = _require(optimizer)
+        if opt.sharded:
+            # delta() is collective under FSDP, but checkpoints are saved by one process only.
+            raise NotImplementedError(
+                "UnmaskTrainer/UnmaskCallback with FSDP is not supported: train FSDP2 models "
+                "with a plain loop (docs/distributed.md), where every rank calls opt.delta()"
+            )
         if not opt.calibrated:
             if train_dataloader is None:
                 raise RuntimeError(
@@ -342,6 +348,14 @@ class UnmaskTrainer(Trainer):
                 # before it creates the optimizer; create_optimizer_and_scheduler passes it too.
                 steps = self._unmask_total_steps or self.state.max_steps
                 config["total_steps"] = steps if steps and steps > 0 else None
+            if config.get("low_memory") and self.args.max_grad_norm > 0:
+                if not hasattr(Trainer, "_clip_grad_norm"):
+                    # Older Trainers clip model.parameters() inline, whose gradients the
+                    # low-memory hooks have already consumed: clipping would silently not act.
+                    raise ValueError(
+                        "low_memory=True with max_grad_norm > 0 needs transformers>=5 (a Trainer "
+                        "with _clip_grad_norm); upgrade, or set max_grad_norm=0"
+                    )
             target = self.model if model is None else model
             self.optimizer = make_optimizer(target, self.args, **config)
         return self.optimizer
