@@ -85,10 +85,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             the trained values are the same as in the standard mode. The candidates' `.grad`
             is therefore None after backward: clip with `clip_grad_norm_` of this optimizer.
             Gradient accumulation over micro-batches: selected weights' gradients are summed
-            exactly; a new weight's score is the sum of its per-micro-batch scores over the
+            exactly; a new weight's score is its largest per-micro-batch score among the
             micro-batches where it was among its tensor's top-k, and its first update uses the
-            sum of its gradients over those micro-batches (exact for one micro-batch). Not
-            available for "id3-repeat" and "full".
+            sum of its gradients over those micro-batches (exact for one micro-batch). The hooks
+            stay on the model until `close()`. Not available for "id3-repeat" and "full".
         **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
