@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "adam-step=global": {"adam_step": "global"},
     "schedule=linear-decay": {"schedule": "linear-decay"},
 }
+# Extra learning rates a method may get when its best rate is at the edge of those tried.
+MAX_EXTRA_RATES = 2
 LORA_RANK = 8
 LORA_TARGETS = ("query", "value", "q_proj", "v_proj")
 
@@ -494,12 +497,44 @@ def tuned_lrs(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     return {k: lr for k, (_, lr) in best.items()}
 
 
+def next_rate(lr: float, up: bool) -> float:
+    """The next rate of the 1-3-10 ladder above or below `lr` (1e-3 -> 3e-3 -> 1e-2)."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
+    step = (3 if mantissa < 2 else 10 / 3) if up else (1 / 3 if mantissa > 2 else 0.3)
+    return float(f"{lr * step:.0e}")
+
+
+def tuning_extension(grid: Grid, records: list[dict], setting: str, method: str) -> Cell | None:
+    """The extra tuning cell a method needs, if its best rate is at the edge of those tried.
+
+    Every method gets the same rule: its three rates, then while the best is the lowest or the
+    highest rate tried, one more rate beyond it, at most MAX_EXTRA_RATES times.
+    """
+    base = [
+        c for c in grid.cells if c.phase == "tune" and c.setting == setting and c.method == method
+    ]
+    mine = [r for r in records if r["phase"] == "tune" and r["setting"] == setting]
+    tried = {r["lr"]: r["value"] for r in mine if r["method"] == method}
+    if not base or any(c.lr not in tried for c in base):
+        return None  # the method's own rates first
+    if len(tried) - len(base) >= MAX_EXTRA_RATES:
+        return None
+    rates = sorted(tried)
+    best = max(rates, key=lambda lr: (tried[lr], -lr))
+    if best not in (rates[0], rates[-1]):
+        return None
+    return replace(base[0], lr=next_rate(best, up=best == rates[-1]))
+
+
 def _tuning_complete(grid: Grid, records: list[dict], setting: str, method: str) -> bool:
     done = {r["id"] for r in records}
-    return all(
-        c.id in done
-        for c in grid.cells
-        if c.phase == "tune" and c.setting == setting and c.method == method
+    return (
+        all(
+            c.id in done
+            for c in grid.cells
+            if c.phase == "tune" and c.setting == setting and c.method == method
+        )
+        and tuning_extension(grid, records, setting, method) is None
     )
 
 
@@ -538,6 +573,15 @@ def run_grid(
             tuned = None
             if cell.lr is None:
                 if not _tuning_complete(grid, records, cell.setting, cell.method):
+                    extra = tuning_extension(grid, records, cell.setting, cell.method)
+                    queued = {c.id for c in pending} | set(running)
+                    if (
+                        extra is not None
+                        and extra.id not in queued
+                        and not _running_elsewhere(out, extra)
+                    ):
+                        pending.insert(pending.index(cell), extra)
+                        progressed = True
                     continue
                 tuned = tuned_lrs(records)[(cell.setting, cell.method)]
             pending.remove(cell)

@@ -23,7 +23,16 @@ def smoke(tmp_path_factory):
 def test_every_cell_writes_one_complete_record(smoke):
     grid = quality.smoke_grid(smoke)
     records = {r["id"]: r for r in quality.load_records(smoke)}
-    assert set(records) == {c.id for c in grid.cells}
+    # Every declared cell, plus the extra tuning rates of methods whose best rate was at an edge.
+    assert set(records) >= {c.id for c in grid.cells}
+    extra = [records[i] for i in set(records) - {c.id for c in grid.cells}]
+    assert extra and all(r["phase"] == "tune" for r in extra)
+    per_method = {}
+    for r in records.values():
+        if r["phase"] == "tune":
+            per_method.setdefault(r["method"], []).append(r["lr"])
+    for method, rates in per_method.items():
+        assert 2 <= len(rates) <= 2 + quality.MAX_EXTRA_RATES, method
     for r in records.values():
         assert 0.0 <= r["value"] <= 1.0
         assert r["weights_changed"] > 0 and r["delta_bytes"] > 0
@@ -87,3 +96,26 @@ def test_report_has_tables_and_plots(smoke):
     for png in ("quality_sentiment.png", "allocation_id3_vs_pafi.png"):
         data = (smoke / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000
+
+
+def test_rate_ladder_and_edge_extension():
+    assert [quality.next_rate(x, up=True) for x in (1e-3, 3e-3, 1e-2)] == [3e-3, 1e-2, 3e-2]
+    assert [quality.next_rate(x, up=False) for x in (1e-3, 3e-4, 1e-4)] == [3e-4, 1e-4, 3e-5]
+    grid = quality.Grid(
+        {},
+        [
+            quality.Cell("tune", "s", "t", "id3", "1%", 0, "validation", lr)
+            for lr in (1e-3, 3e-3, 1e-2)
+        ],
+    )
+
+    def record(lr, value):
+        return {"phase": "tune", "setting": "s", "method": "id3", "lr": lr, "value": value}
+
+    middle = [record(1e-3, 0.6), record(3e-3, 0.8), record(1e-2, 0.7)]
+    assert quality.tuning_extension(grid, middle, "s", "id3") is None
+    top = [record(1e-3, 0.6), record(3e-3, 0.7), record(1e-2, 0.8)]
+    assert quality.tuning_extension(grid, top, "s", "id3").lr == 3e-2
+    assert quality.tuning_extension(grid, top[:2], "s", "id3") is None  # base rates first
+    capped = top + [record(3e-2, 0.9), record(1e-1, 0.95)]
+    assert quality.tuning_extension(grid, capped, "s", "id3") is None  # at most 2 extra rates
