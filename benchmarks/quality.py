@@ -556,7 +556,7 @@ def run_grid(
         c
         for c in grid.cells
         if not (phases and c.phase not in phases)
-        and not (out / "records" / f"{c.id}.json").is_file()
+        and (c.lr is None or not (out / "records" / f"{c.id}.json").is_file())
         and not _running_elsewhere(out, c)
     ]
     running: dict[str, tuple[Cell, subprocess.Popen | None, float]] = {}
@@ -584,6 +584,9 @@ def run_grid(
                         progressed = True
                     continue
                 tuned = tuned_lrs(records)[(cell.setting, cell.method)]
+                if _record_lr(out, cell) == tuned:
+                    pending.remove(cell)  # done, with the rate its tuning chose
+                    continue
             pending.remove(cell)
             progressed = True
             started += 1
@@ -611,6 +614,13 @@ def run_grid(
             status = "ok" if ok else "FAILED"
             print(f"    {status} {cell.id} in {time.time() - t0:.0f} s", flush=True)
     return failed
+
+
+def _record_lr(out: Path, cell: Cell) -> float | None:
+    """The rate a finished cell was trained with (a record made before its tuning was extended
+    used another rate and is run again)."""
+    path = out / "records" / f"{cell.id}.json"
+    return json.loads(path.read_text(encoding="utf-8"))["lr"] if path.is_file() else None
 
 
 def _running_elsewhere(out: Path, cell: Cell) -> bool:
