@@ -35,7 +35,7 @@ from .delta import SparseDelta
 from .methods import Method, make_method
 from .schedules import Schedule, check_total_steps, get_schedule
 from .selection import KeySource, lexicographic_top, select_top, select_top_keys
-from .sharding import Shards
+from .sharding import Shards, world_size
 from .sharding import full as _full
 from .sharding import local as _local
 from .slot_adamw import SlotAdamW
@@ -157,10 +157,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._shards = Shards.detect(cands.sparse + cands.dense, self._params, self._offsets_list)
         if self._shards is not None:
             _refuse_under_fsdp(self.method, freeze_unselected, low_memory)
-        elif low_memory and _distributed_world() > 1:
+        elif low_memory and world_size() > 1:
             raise ValueError(
                 "low_memory=True reads each gradient in backward, before DDP averages it over "
-                f"the {_distributed_world()} processes, so they would select different weights; "
+                f"the {world_size()} processes, so they would select different weights; "
                 "use low_memory=False under torch.distributed"
             )
         self._dense_names = [n for n, _ in cands.dense]
@@ -313,7 +313,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             if self.low_memory:
                 self._unmask_from_pending()
             else:
-                self._unmask(self.steps_done)
+                self._unmask()
             self._freeze_if_final()
         elif kind == "repeat":
             self._reselect()
@@ -392,9 +392,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.detach_().zero_()
 
-    def _unmask(self, step: int) -> None:
-        target = min(self.schedule.cumulative(step, self.budget, self.total_steps), self.budget)
-        k = target - self._num_chosen
+    def _unmask(self) -> None:
+        k = self._quota()
         if k <= 0:
             return
         signals = [p.grad for p in self._params] if self.method.needs_grad else None
@@ -551,10 +550,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     def _quota(self) -> int:
         """How many weights the coming step unmasks (increment methods; 0 once B is spent)."""
-        if self.method.kind != "increment" or self._n >= self.budget or not self.calibrated:
+        chosen = self._num_chosen  # global under FSDP
+        if self.method.kind != "increment" or chosen >= self.budget or not self.calibrated:
             return 0
         target = self.schedule.cumulative(self.steps_done, self.budget, self.total_steps)
-        return min(target, self.budget) - self._n
+        return min(target, self.budget) - chosen
 
     def _unmask_from_pending(self) -> None:
         """Exact global top-k over the per-tensor candidates the hooks kept this step.
@@ -1028,11 +1028,6 @@ def _make_inner(
         raise TypeError(f"{cls.__name__} got unexpected arguments {sorted(unknown)}")
     decoupled = cls is torch.optim.AdamW or bool(kwargs.get("decoupled_weight_decay", False))
     return SlotAdamW(params, decoupled=decoupled, **options)
-
-
-def _distributed_world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _pad(value: Any, old_shape: torch.Size, capacity: int) -> Any:

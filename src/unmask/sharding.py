@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 _DTENSOR_MODULE = "torch.distributed.tensor"
 
 
+def world_size() -> int:
+    """Processes in the default torch.distributed group (1 without an initialised group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_sharded(t: Tensor) -> bool:
     """Whether `t` is a DTensor (its data is spread over several processes)."""
     # Importing torch.distributed.tensor takes about a second, and no DTensor can exist before

@@ -37,6 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..delta import SparseDelta
 from ..methods import make_method
 from ..optimizer import SelectiveOptimizer
+from ..sharding import world_size
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def calibrate_across_processes(
     number of batches. Without an initialised process group of more than one process this is
     plain `opt.calibrate`.
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     if world == 1:
         opt.calibrate(batches, loss_fn=loss_fn, num_batches=num_batches)
         return
