@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -93,3 +100,28 @@ def tiny_model_dir(tmp_path_factory):
     )
     AutoModelForSequenceClassification.from_config(config).bert.save_pretrained(folder)
     return folder
+
+
+def launch_torchrun(script: Path, out: Path, world: int, timeout_s: float) -> float:
+    """Run `script out` on `world` torchrun processes; fail the test with their output if they
+    fail or run past `timeout_s` (then torchrun and its workers are killed). Returns seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(world), str(script), str(out),
+    ]  # fmt: skip
+    start = time.monotonic()
+    # A session of its own, so a timeout can kill torchrun and both workers together.
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout_s} s:\n{output[-6000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun failed with exit code {proc.returncode}:\n{output[-6000:]}")
+    return time.monotonic() - start

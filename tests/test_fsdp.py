@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import signal
-import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +31,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_batches, tiny_bert
+from conftest import launch_torchrun, make_batches, tiny_bert
 
 from unmask import SelectiveOptimizer, SparseDelta
 from unmask.schedules import UniformSchedule
@@ -193,27 +189,7 @@ def _worker(out: Path) -> None:
 
 
 def _launch(out: Path) -> float:
-    """Run this file on WORLD processes with torchrun; fail with its output if it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(WORLD), __file__, str(out),
-    ]  # fmt: skip
-    start = time.monotonic()
-    # A session of its own, so a timeout can kill torchrun and both workers together.
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s:\n{output[-6000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed with exit code {proc.returncode}:\n{output[-6000:]}")
-    return time.monotonic() - start
+    return launch_torchrun(Path(__file__), out, WORLD, LAUNCH_TIMEOUT_S)
 
 
 def _fsdp_available() -> bool:
