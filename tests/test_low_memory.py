@@ -263,30 +263,16 @@ def test_close_and_dropping_the_optimizer_release_the_model_gradients():
 
     batch = make_batches("bert", 1)[0]
     model = tiny_bert()
-    opt = SelectiveOptimizer(
-        model,
-        method="id3",
-        budget=50,
-        total_steps=2,
-        lr=1e-2,
-        low_memory=True,
-        freeze_unselected=False,
+    options = dict(
+        method="id3", budget=50, total_steps=2, lr=1e-2, low_memory=True, freeze_unselected=False
     )
+    opt = SelectiveOptimizer(model, **options)
     del opt
     gc.collect()
     model(**batch).loss.backward()
     assert all(p.grad is not None for p in model.parameters())  # no stale hook consumed them
     model.zero_grad()
-    opt = SelectiveOptimizer(
-        model,
-        method="id3",
-        budget=50,
-        total_steps=2,
-        lr=1e-2,
-        low_memory=True,
-        freeze_unselected=False,
-    )
-    opt.close()
+    SelectiveOptimizer(model, **options).close()
     model(**batch).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
