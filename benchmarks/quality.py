@@ -183,13 +183,15 @@ def full_grid() -> Grid:
         for lr in lrs_for(m)
     ]
     # The paper's central comparison first (ID3 against PaFi, LoRA and full fine-tuning on one
-    # task), then every other method, the ablations, the second task and more seeds.
+    # task), then every other method, the ablations, more seeds of the central comparison, the
+    # second task and the remaining seeds.
     core = ("full", "id3", "pafi", "lora")
     rest = tuple(m for m in ENCODER_METHODS if m not in core)
     cells = tune(core) + main("polarity", 0, core) + tune(rest) + main("polarity", 0, rest)
-    cells += ablations(0) + main("uncertainty", 0)
+    cells += ablations(0) + main("polarity", 1, core) + main("polarity", 2, core)
+    cells += main("uncertainty", 0)
     for seed in (1, 2):
-        cells += main("polarity", seed) + main("uncertainty", seed) + ablations(seed)
+        cells += main("polarity", seed, rest) + main("uncertainty", seed) + ablations(seed)
     cells += dec_tune
     for seed in (0, 1, 2):
         for task in ("addition", "plurals"):
