@@ -7,6 +7,7 @@ Every number in the report is computed here from OUT/records/*.json; nothing is 
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -82,6 +83,83 @@ def main_table(records: list[dict], setting: str, task: str) -> list[str]:
         ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+# The paper's claims as (claim, method a, budget a, method b, budget b, kind). "beats": a's mean
+# is above b's; "matches": a is not clearly below b. Budget None = the method's own fixed size.
+CLAIMS = (
+    ("ID3 beats PaFi", "id3", "*", "pafi", "*", "beats"),
+    ("ID3 beats random", "id3", "*", "random", "*", "beats"),
+    ("ID3 beats FISH", "id3", "*", "fish", "*", "beats"),
+    ("ID3 beats BitFit (0.1% vs BitFit's own count)", "id3", "0.1%", "bitfit", None, "beats"),
+    ("increment beats repeat (ID3 vs id3-repeat)", "id3", "*", "id3-repeat", "*", "beats"),
+    ("increment beats static (increment-PaFi vs PaFi)", "increment-pafi", "*", "pafi", "*",
+     "beats"),
+    ("ID3 inside LoRA beats PaFi inside LoRA", "id3+lora", "*", "pafi+lora", "*", "beats"),
+    ("ID3 at 0.1% matches full fine-tuning", "id3", "0.1%", "full", None, "matches"),
+    ("ID3 at LoRA's count matches LoRA", "id3", "lora", "lora", None, "matches"),
+)  # fmt: skip
+
+
+def claims_table(records: list[dict]) -> list[str]:
+    """Each claim per task and budget: difference of means (points) and a verdict at 2 SE.
+
+    SE combines the seed-to-seed variance of each mean (0 with one seed, so one-seed verdicts are
+    marked) with the binomial sampling error of each accuracy on the eval set.
+    """
+    rows = [r for r in records if r["phase"] == "main"]
+    lines = [
+        "### The paper's claims, tested (test split; difference in points, a − b)",
+        "",
+        "| claim | task | budget | a | b | a − b | 2 SE | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for claim, a, budget_a, b, budget_b, kind in CLAIMS:
+        for task in sorted({r["task"] for r in rows}):
+            budgets = BUDGET_ORDER if budget_a == "*" else (budget_a,)
+            for budget in budgets:
+                va = _values(rows, task, a, budget)
+                vb = _values(rows, task, b, budget if budget_b == "*" else budget_b)
+                if not va or not vb:
+                    continue
+                found = True
+                n_eval = next(r["task_sizes"]["eval"] for r in rows if r["task"] == task)
+                diff, se = _difference(va, vb, n_eval)
+                lines.append(
+                    f"| {claim} | {Path(task).stem} | {budget} | {_mean_std(va)} | "
+                    f"{_mean_std(vb)} | {100 * diff:+.1f} | {200 * se:.1f} | "
+                    f"{_verdict(diff, se, kind, min(len(va), len(vb)))} |"
+                )
+    return lines + [""] if found else []
+
+
+def _values(rows: list[dict], task: str, method: str, budget: str | None) -> list[float]:
+    return [
+        r["value"] for r in rows if r["task"] == task and r["method"] == method
+        and r["budget"] == budget
+    ]  # fmt: skip
+
+
+def _difference(a: list[float], b: list[float], n_eval: int) -> tuple[float, float]:
+    """Difference of means and its standard error (seed variance + eval-set sampling)."""
+    var = 0.0
+    for values in (a, b):
+        mean = statistics.fmean(values)
+        if len(values) > 1:
+            var += statistics.variance(values) / len(values)
+        var += mean * (1 - mean) / n_eval
+    return statistics.fmean(a) - statistics.fmean(b), math.sqrt(var)
+
+
+def _verdict(diff: float, se: float, kind: str, seeds: int) -> str:
+    if diff > 2 * se:
+        verdict = "holds" if kind == "beats" else "holds (a above b)"
+    elif diff < -2 * se:
+        verdict = "does not hold (b clearly better)"
+    else:
+        verdict = "no clear difference" if kind == "beats" else "holds (within 2 SE)"
+    return verdict + (" (1 seed)" if seeds == 1 else "")
 
 
 def tuning_table(records: list[dict]) -> list[str]:
@@ -273,7 +351,8 @@ def write_report(out: Path) -> Path:
         {(r["setting"], r["task"]) for r in records if r["phase"] == "main"}
     ):
         lines += main_table(records, setting, task)
-    lines += ablation_table(records) + tuning_table(records) + cost_table(records)
+    lines += claims_table(records) + ablation_table(records) + tuning_table(records)
+    lines += cost_table(records)
     plots = plot_metric_vs_budget(records, out)
     allocation = plot_allocation(records, out)
     lines += [f"![{p.stem}]({p.name})" for p in [*plots, *([allocation] if allocation else [])]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import quality
-from benchmarks.quality_report import write_report
+from benchmarks.quality_report import claims_table, write_report
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,7 @@ def test_report_has_tables_and_plots(smoke):
     for method in quality.ENCODER_METHODS:
         assert f"| {method} |" in text
     assert "ID3 ablations" in text and "Learning-rate search" in text
+    assert "claims, tested" in text
     for png in ("quality_sentiment.png", "allocation_id3_vs_pafi.png"):
         data = (smoke / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000
@@ -119,3 +120,45 @@ def test_rate_ladder_and_edge_extension():
     assert quality.tuning_extension(grid, top[:2], "s", "id3") is None  # base rates first
     capped = top + [record(3e-2, 0.9), record(1e-1, 0.95)]
     assert quality.tuning_extension(grid, capped, "s", "id3") is None  # at most 2 extra rates
+
+
+def _main_record(method, budget, value, seed=0, n_eval=800):
+    return {
+        "phase": "main", "task": "polarity", "method": method, "budget": budget,
+        "value": value, "seed": seed, "task_sizes": {"eval": n_eval},
+    }  # fmt: skip
+
+
+def _claim_rows(records, claim):
+    return [line for line in claims_table(records) if line.startswith(f"| {claim} |")]
+
+
+def test_claims_verdict_uses_seed_variance_and_eval_sampling():
+    # Three seeds each, 10 points apart with tiny seed spread: clearly holds.
+    clear = [_main_record("id3", "0.1%", 0.80 + d, s) for s, d in enumerate((0, 0.01, -0.01))]
+    clear += [_main_record("pafi", "0.1%", 0.70 + d, s) for s, d in enumerate((0, 0.01, -0.01))]
+    (row,) = _claim_rows(clear, "ID3 beats PaFi")
+    assert "| +10.0 |" in row and row.endswith("| holds |")
+    # The same 10-point gap on a 40-example eval set is within sampling noise.
+    small = [dict(r, task_sizes={"eval": 40}) for r in clear]
+    (row,) = _claim_rows(small, "ID3 beats PaFi")
+    assert row.endswith("| no clear difference |")
+    # Large seed spread on the eval set of 800 also hides it.
+    spread = [_main_record("id3", "0.1%", v, s) for s, v in enumerate((0.95, 0.8, 0.65))]
+    spread += [_main_record("pafi", "0.1%", v, s) for s, v in enumerate((0.55, 0.7, 0.85))]
+    (row,) = _claim_rows(spread, "ID3 beats PaFi")
+    assert row.endswith("| no clear difference |")
+    # A single seed is flagged; a clearly lower ID3 reverses the claim.
+    reversed_ = [_main_record("id3", "0.1%", 0.6), _main_record("pafi", "0.1%", 0.8)]
+    (row,) = _claim_rows(reversed_, "ID3 beats PaFi")
+    assert row.endswith("does not hold (b clearly better) (1 seed) |")
+
+
+def test_claims_compare_fixed_size_methods_at_the_stated_budget():
+    records = [
+        _main_record("id3", "0.1%", 0.78), _main_record("id3", "0.03%", 0.5),
+        _main_record("full", None, 0.79),
+    ]  # fmt: skip
+    (row,) = _claim_rows(records, "ID3 at 0.1% matches full fine-tuning")
+    assert "| 0.1% |" in row and "| -1.0 |" in row and "holds (within 2 SE)" in row
+    assert claims_table([_main_record("id3", "0.1%", 0.78)]) == []
