@@ -191,29 +191,29 @@ def tuning_table(records: list[dict]) -> list[str]:
 
 
 def ablation_table(records: list[dict]) -> list[str]:
+    """ID3's variants against its default at one task and budget, with the difference in points
+    and 2 SE (as in `claims_table`)."""
     ablations = [r for r in records if r["phase"] == "ablation"]
     if not ablations:
         return []
     task, budget = ablations[0]["task"], ablations[0]["budget"]
-    default = [
-        r["value"]
-        for r in records
-        if r["phase"] == "main"
-        and r["method"] == "id3"
-        and r["task"] == task
-        and r["budget"] == budget
-    ]
+    n_eval = ablations[0]["task_sizes"]["eval"]
+    default = _values([r for r in records if r["phase"] == "main"], task, "id3", budget)
     lines = [
         f"### ID3 ablations ({task}, budget {budget}, test %, mean ± std (seeds))",
         "",
-        "| variant | options | test % |",
-        "|---|---|---|",
+        "| variant | options | test % | − default | 2 SE |",
+        "|---|---|---|---|---|",
         "| default | eps=1e-3, exp=1, adam-step=per-weight, schedule=uniform | "
-        f"{_mean_std(default)} |",
+        f"{_mean_std(default)} | | |",
     ]
     for name, options in ABLATIONS.items():
         values = [r["value"] for r in ablations if r["ablation"] == name]
-        lines.append(f"| {name} | {options} | {_mean_std(values)} |")
+        versus = ["", ""]
+        if values and default:
+            diff, se = _difference(values, default, n_eval)
+            versus = [f"{100 * diff:+.1f}", f"{200 * se:.1f}"]
+        lines.append(f"| {name} | {options} | {_mean_std(values)} | " + " | ".join(versus) + " |")
     return lines + [""]
 
 
