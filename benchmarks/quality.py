@@ -162,10 +162,10 @@ def full_grid() -> Grid:
             for b in _budgets(m, budgets, lora)
         ]
 
-    def ablations(seed: int) -> list[Cell]:
+    def ablations(seed: int, names=tuple(ABLATIONS)) -> list[Cell]:
         return [
             Cell("ablation", "encoder", "polarity", "id3", "0.1%", seed, "test", ablation=a)
-            for a in ABLATIONS
+            for a in names
         ]
 
     dec_tune = [
@@ -183,15 +183,19 @@ def full_grid() -> Grid:
         for lr in lrs_for(m)
     ]
     # The paper's central comparison first (ID3 against PaFi, LoRA and full fine-tuning on one
-    # task), then every other method, the ablations, more seeds of the central comparison, the
-    # second task and the remaining seeds.
+    # task), then every other method, the ablations, more seeds of the central comparison and of
+    # the score ablations (they decide the library's defaults), the second task and the
+    # remaining seeds.
     core = ("full", "id3", "pafi", "lora")
     rest = tuple(m for m in ENCODER_METHODS if m not in core)
+    score = ("eps=0.1", "eps=1", "exp=0", "exp=2")
+    others = tuple(a for a in ABLATIONS if a not in score)
     cells = tune(core) + main("polarity", 0, core) + tune(rest) + main("polarity", 0, rest)
     cells += ablations(0) + main("polarity", 1, core) + main("polarity", 2, core)
-    cells += main("uncertainty", 0)
+    cells += ablations(1, score) + ablations(2, score)
+    cells += main("uncertainty", 0, core) + main("uncertainty", 0, rest)
     for seed in (1, 2):
-        cells += main("polarity", seed, rest) + main("uncertainty", seed) + ablations(seed)
+        cells += main("polarity", seed, rest) + main("uncertainty", seed) + ablations(seed, others)
     cells += dec_tune
     for seed in (0, 1, 2):
         for task in ("addition", "plurals"):
