@@ -253,6 +253,8 @@ def plot_metric_vs_budget(records: list[dict], out: Path) -> list[Path]:
     for _, task in tasks:
         rows = [r for r in records if r["phase"] == "main" and r["task"] == task]
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        methods = list(dict.fromkeys((*ENCODER_METHODS, *DECODER_METHODS)))
+        colors = plt.get_cmap("tab20").colors
         for method in dict.fromkeys(r["method"] for r in rows):
             points: dict[int, list[float]] = defaultdict(list)
             for r in rows:
@@ -260,8 +262,14 @@ def plot_metric_vs_budget(records: list[dict], out: Path) -> list[Path]:
                     points[r["weights_changed"]].append(100 * r["value"])
             xs = sorted(points)
             ys = [statistics.fmean(points[x]) for x in xs]
-            style = "s" if method in ("full", "head-only", "lora", "bitfit") else "o-"
-            ax.plot(xs, ys, style, label=method)
+            # Distinct colour per method; ID3 drawn thicker, methods inside LoRA dashed.
+            fixed = method in ("full", "head-only", "lora", "bitfit")
+            ax.plot(
+                xs, ys, marker="s" if fixed else "o", label=method,
+                color=colors[2 * methods.index(method) % 20],
+                linewidth=2.5 if method == "id3" else 1.2,
+                linestyle="none" if fixed else "--" if method.endswith("+lora") else "-",
+            )  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("weights changed (log)")
         ax.set_ylabel(f"test {rows[0]['metric']} (%)")
