@@ -5,9 +5,10 @@
     .venv/bin/python -m benchmarks.quality run --grid smoke --out /tmp/q   # tiny, < 1 min
 
 Each cell (one training run) writes one JSON record to OUT/records/<cell id>.json; `run` skips
-cells whose record exists, so it resumes where it stopped. Cells run one after another, each in
-a fresh subprocess (so that its peak RSS is its own), in priority order: learning-rate tuning on
-the validation split, then seed 0 of every method, then the ablations, then more seeds.
+cells whose record exists, so it resumes where it stopped. Cells run `--workers` at a time, each
+in a fresh subprocess (so that its peak RSS is its own), in priority order: learning-rate tuning
+on the validation split, seed 0 of every method, the ablations, more seeds of the central
+comparison and of the score ablations, the second task, the remaining seeds, then the decoder.
 
 Learning rates: every method gets the same search, three rates (its own range, a factor of
 about 3 apart), on sentence polarity's validation split, seed 0, budget 0.1%; the best rate is
