@@ -517,11 +517,8 @@ def tuning_extension(grid: Grid, records: list[dict], setting: str, method: str)
     Every method gets the same rule: its three rates, then while the best is the lowest or the
     highest rate tried, one more rate beyond it, at most MAX_EXTRA_RATES times.
     """
-    base = [
-        c for c in grid.cells if c.phase == "tune" and c.setting == setting and c.method == method
-    ]
-    mine = [r for r in records if r["phase"] == "tune" and r["setting"] == setting]
-    tried = {r["lr"]: r["value"] for r in mine if r["method"] == method}
+    base = _tune_cells(grid, setting, method)
+    tried = _tried_rates(records, setting, method)
     if not base or any(c.lr not in tried for c in base):
         return None  # the method's own rates first
     if len(tried) - len(base) >= MAX_EXTRA_RATES:
@@ -533,15 +530,26 @@ def tuning_extension(grid: Grid, records: list[dict], setting: str, method: str)
     return replace(base[0], lr=next_rate(best, up=best == rates[-1]))
 
 
+def _tune_cells(grid: Grid, setting: str, method: str) -> list[Cell]:
+    """The method's declared tuning cells (its base rates, before any extension)."""
+    return [
+        c for c in grid.cells if c.phase == "tune" and c.setting == setting and c.method == method
+    ]
+
+
+def _tried_rates(records: list[dict], setting: str, method: str) -> dict[float, float]:
+    """Rate -> validation metric of the method's finished tuning cells."""
+    return {
+        r["lr"]: r["value"]
+        for r in records
+        if r["phase"] == "tune" and r["setting"] == setting and r["method"] == method
+    }
+
+
 def _tuning_complete(grid: Grid, records: list[dict], setting: str, method: str) -> bool:
-    done = {r["id"] for r in records}
-    return (
-        all(
-            c.id in done
-            for c in grid.cells
-            if c.phase == "tune" and c.setting == setting and c.method == method
-        )
-        and tuning_extension(grid, records, setting, method) is None
+    tried = _tried_rates(records, setting, method)
+    return all(c.lr in tried for c in _tune_cells(grid, setting, method)) and (
+        tuning_extension(grid, records, setting, method) is None
     )
 
 
@@ -568,8 +576,15 @@ def run_grid(
     ]
     running: dict[str, tuple[Cell, subprocess.Popen | None, float]] = {}
     failed = started = 0
+    seen = None  # the records folder's mtime when the records were last read
     while pending or running:
-        records = load_records(out)
+        # Records are renamed into the folder, which changes its mtime: read them again only
+        # then (this also sees cells finished by an earlier, stopped harness).
+        mtime = (out / "records").stat().st_mtime_ns
+        if mtime != seen:
+            seen = mtime
+            records = load_records(out)
+            trained_with = {r["id"]: r["lr"] for r in records}
         progressed = False
         for cell in list(pending):
             if len(running) >= (1 if in_process else workers):
@@ -591,7 +606,7 @@ def run_grid(
                         progressed = True
                     continue
                 tuned = tuned_lrs(records)[(cell.setting, cell.method)]
-                if _record_lr(out, cell) == tuned:
+                if trained_with.get(cell.id) == tuned:
                     pending.remove(cell)  # done, with the rate its tuning chose
                     continue
             pending.remove(cell)
@@ -602,7 +617,8 @@ def run_grid(
             if in_process:
                 _run_in_process(cell, setting, tuned, out, threads)
                 print(f"    ok {cell.id}", flush=True)
-                break  # reload the records: this cell may finish a tuning
+                seen = None  # reload the records: this cell may finish a tuning
+                break
             running[cell.id] = (cell, _launch(cell, setting, tuned, out, threads), time.time())
         if progressed and not running:
             continue
@@ -615,19 +631,13 @@ def run_grid(
             if process.poll() is None:
                 continue
             del running[key]
+            seen = None  # its record is read even if the folder's mtime did not tick
             (out / "records" / f"{cell.id}.running").unlink(missing_ok=True)
             ok = process.returncode == 0 and (out / "records" / f"{cell.id}.json").is_file()
             failed += not ok
             status = "ok" if ok else "FAILED"
             print(f"    {status} {cell.id} in {time.time() - t0:.0f} s", flush=True)
     return failed
-
-
-def _record_lr(out: Path, cell: Cell) -> float | None:
-    """The rate a finished cell was trained with (a record made before its tuning was extended
-    used another rate and is run again)."""
-    path = out / "records" / f"{cell.id}.json"
-    return json.loads(path.read_text(encoding="utf-8"))["lr"] if path.is_file() else None
 
 
 def _running_elsewhere(out: Path, cell: Cell) -> bool:

@@ -14,7 +14,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality import ABLATIONS, DECODER_METHODS, ENCODER_METHODS, load_records, tuned_lrs
+from benchmarks.quality import (
+    ABLATIONS,
+    DECODER_METHODS,
+    ENCODER_METHODS,
+    FIXED_SIZE,
+    load_records,
+    tuned_lrs,
+)
 
 BUDGET_ORDER = ("1%", "5%", "0.03%", "0.1%", "lora/4", "lora")
 MODULE_KINDS = (
@@ -249,12 +256,12 @@ def plot_metric_vs_budget(records: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    methods = list(dict.fromkeys((*ENCODER_METHODS, *DECODER_METHODS)))
+    colors = plt.get_cmap("tab20").colors
     tasks = sorted({(r["setting"], r["task"]) for r in records if r["phase"] == "main"})
     for _, task in tasks:
         rows = [r for r in records if r["phase"] == "main" and r["task"] == task]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        methods = list(dict.fromkeys((*ENCODER_METHODS, *DECODER_METHODS)))
-        colors = plt.get_cmap("tab20").colors
         for method in dict.fromkeys(r["method"] for r in rows):
             points: dict[int, list[float]] = defaultdict(list)
             for r in rows:
@@ -263,7 +270,7 @@ def plot_metric_vs_budget(records: list[dict], out: Path) -> list[Path]:
             xs = sorted(points)
             ys = [statistics.fmean(points[x]) for x in xs]
             # Distinct colour per method; ID3 drawn thicker, methods inside LoRA dashed.
-            fixed = method in ("full", "head-only", "lora", "bitfit")
+            fixed = method in FIXED_SIZE
             ax.plot(
                 xs, ys, marker="s" if fixed else "o", label=method,
                 color=colors[2 * methods.index(method) % 20],
