@@ -404,5 +404,11 @@ def _header(records: list[dict[str, Any]]) -> list[str]:
         )
     hardware = sorted({r.get("hardware", "?") for r in records})
     threads = sorted({r["torch_threads"] for r in records})
-    lines += [f"- hardware: {', '.join(hardware)}; torch threads {threads}.", ""]
+    seconds = [r["train_seconds"] for r in records]
+    lines += [
+        f"- hardware: {', '.join(hardware)}; torch threads {threads}.",
+        f"- training time (loading and evaluation not included): median "
+        f"{statistics.median(seconds):.0f} s per run, {sum(seconds) / 3600:.1f} h in all.",
+        "",
+    ]
     return lines
