@@ -8,7 +8,7 @@ Each cell (one training run) writes one JSON record to OUT/records/<cell id>.jso
 cells whose record exists, so it resumes where it stopped. Cells run `--workers` at a time, each
 in a fresh subprocess (so that its peak RSS is its own), in priority order: learning-rate tuning
 on the validation split, seed 0 of every method, the ablations, more seeds of the central
-comparison and of the score ablations, the second task, the remaining seeds, then the decoder.
+comparison and of the score ablations, the second task, the decoder, the remaining seeds.
 
 Learning rates: every method gets the same search, three rates (its own range, a factor of
 about 3 apart), on sentence polarity's validation split, seed 0, budget 0.1%; the best rate is
@@ -169,6 +169,11 @@ def full_grid() -> Grid:
             for a in names
         ]
 
+    def decoder(seed: int) -> list[Cell]:
+        return [
+            c for t in ("addition", "plurals") for c in main(t, seed, DECODER_METHODS, "decoder")
+        ]
+
     dec_tune = [
         Cell(
             "tune",
@@ -185,8 +190,9 @@ def full_grid() -> Grid:
     ]
     # The paper's central comparison first (ID3 against PaFi, LoRA and full fine-tuning on one
     # task), then every other method, the ablations, more seeds of the central comparison and of
-    # the score ablations (they decide the library's defaults), the second task and the
-    # remaining seeds.
+    # the score ablations (they decide the library's defaults), the second task, the decoder
+    # (one seed, then the second task's other methods, then more decoder seeds) and the
+    # remaining encoder seeds.
     core = ("full", "id3", "pafi", "lora")
     rest = tuple(m for m in ENCODER_METHODS if m not in core)
     score = ("eps=0.1", "eps=1", "exp=0", "exp=2")
@@ -194,13 +200,11 @@ def full_grid() -> Grid:
     cells = tune(core) + main("polarity", 0, core) + tune(rest) + main("polarity", 0, rest)
     cells += ablations(0) + main("polarity", 1, core) + main("polarity", 2, core)
     cells += ablations(1, score) + ablations(2, score)
-    cells += main("uncertainty", 0, core) + main("uncertainty", 0, rest)
+    cells += main("uncertainty", 0, core)
+    cells += dec_tune + decoder(0)
+    cells += main("uncertainty", 0, rest) + decoder(1) + decoder(2)
     for seed in (1, 2):
         cells += main("polarity", seed, rest) + main("uncertainty", seed) + ablations(seed, others)
-    cells += dec_tune
-    for seed in (0, 1, 2):
-        for task in ("addition", "plurals"):
-            cells += main(task, seed, DECODER_METHODS, "decoder")
     return Grid(settings, cells)
 
 
