@@ -24,6 +24,9 @@ from benchmarks.quality import (
 )
 
 BUDGET_ORDER = ("1%", "5%", "0.03%", "0.1%", "lora/4", "lora")
+# The allocation plot's budget: 0.1% on the encoder, a quarter of LoRA's count on the decoder,
+# 5% on the smoke grid's tiny model.
+ALLOCATION_BUDGETS = ("0.1%", "lora/4", "5%")
 MODULE_KINDS = (
     ("head", r"(^|\.)(classifier|score)\."),
     ("embeddings", r"embeddings|embed_tokens"),
@@ -289,23 +292,29 @@ def plot_metric_vs_budget(records: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def plot_allocation(records: list[dict], out: Path) -> Path | None:
-    """Share of the budget per module kind and per layer: ID3 vs PaFi (first main task, 0.1%)."""
+def plot_allocation(records: list[dict], out: Path, setting: str) -> Path | None:
+    """Share of the budget per module kind and per layer: ID3 vs PaFi (the setting's first main
+    task, seed 0, at the first budget in ALLOCATION_BUDGETS that has both)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pick: dict[str, dict] = {}
-    for r in records:
-        if (
-            r["phase"] == "main"
-            and r["seed"] == 0
-            and r["method"] in ("id3", "pafi")
-            and r["budget"] in ("0.1%", "5%")
-            and r["allocation"]
-        ):
-            pick.setdefault(r["method"], r)
+    for budget in ALLOCATION_BUDGETS:
+        for r in records:
+            if (
+                r["phase"] == "main"
+                and r["setting"] == setting
+                and r["seed"] == 0
+                and r["method"] in ("id3", "pafi")
+                and r["budget"] == budget
+                and r["allocation"]
+            ):
+                pick.setdefault(r["method"], r)
+        if len(pick) == 2:
+            break
+        pick.clear()
     if len(pick) < 2:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -340,7 +349,8 @@ def plot_allocation(records: list[dict], out: Path) -> Path | None:
     right.set_title("per layer")
     left.legend()
     fig.tight_layout()
-    path = out / "allocation_id3_vs_pafi.png"
+    suffix = "" if setting == "encoder" else f"_{setting}"
+    path = out / f"allocation_id3_vs_pafi{suffix}.png"
     _save(fig, path)
     return path
 
@@ -369,8 +379,10 @@ def write_report(out: Path) -> Path:
     lines += claims_table(records) + ablation_table(records) + tuning_table(records)
     lines += cost_table(records)
     plots = plot_metric_vs_budget(records, out)
-    allocation = plot_allocation(records, out)
-    lines += [f"![{p.stem}]({p.name})" for p in [*plots, *([allocation] if allocation else [])]]
+    plots += [
+        plot_allocation(records, out, s) for s in dict.fromkeys(r["setting"] for r in records)
+    ]
+    lines += [f"![{p.stem}]({p.name})" for p in plots if p]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -404,11 +416,12 @@ def _header(records: list[dict[str, Any]]) -> list[str]:
         )
     hardware = sorted({r.get("hardware", "?") for r in records})
     threads = sorted({r["torch_threads"] for r in records})
-    seconds = [r["train_seconds"] for r in records]
-    lines += [
-        f"- hardware: {', '.join(hardware)}; torch threads {threads}.",
-        f"- training time (loading and evaluation not included): median "
-        f"{statistics.median(seconds):.0f} s per run, {sum(seconds) / 3600:.1f} h in all.",
-        "",
-    ]
-    return lines
+    lines.append(f"- hardware: {', '.join(hardware)}; torch threads {threads}.")
+    for name in settings:
+        seconds = [r["train_seconds"] for r in records if r["setting"] == name]
+        lines.append(
+            f"- {name} training time (loading and evaluation not included): median "
+            f"{statistics.median(seconds):.0f} s per run, {sum(seconds) / 3600:.1f} h in "
+            f"{len(seconds)} runs."
+        )
+    return lines + [""]

@@ -93,7 +93,7 @@ def test_report_has_tables_and_plots(smoke):
     for method in quality.ENCODER_METHODS:
         assert f"| {method} |" in text
     assert "ID3 ablations" in text and "Learning-rate search" in text
-    assert "claims, tested" in text and "training time (loading" in text
+    assert "claims, tested" in text and "encoder training time (loading" in text
     for png in ("quality_sentiment.png", "allocation_id3_vs_pafi.png"):
         data = (smoke / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 1000
