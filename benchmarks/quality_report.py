@@ -372,8 +372,10 @@ def write_report(out: Path) -> Path:
     if not records:
         raise SystemExit(f"no records in {out / 'records'}: run the grid first")
     lines = _header(records)
+    # The encoder's tables first: its grid is the larger and ran first.
     for setting, task in sorted(
-        {(r["setting"], r["task"]) for r in records if r["phase"] == "main"}
+        {(r["setting"], r["task"]) for r in records if r["phase"] == "main"},
+        key=lambda pair: (pair[0] != "encoder", pair),
     ):
         lines += main_table(records, setting, task)
     lines += claims_table(records) + ablation_table(records) + tuning_table(records)
