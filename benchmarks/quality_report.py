@@ -108,6 +108,7 @@ CLAIMS = (
     ("ID3 inside LoRA beats PaFi inside LoRA", "id3+lora", "*", "pafi+lora", "*", "beats"),
     ("ID3 at 0.1% matches full fine-tuning", "id3", "0.1%", "full", None, "matches"),
     ("ID3 at LoRA's count matches LoRA", "id3", "lora", "lora", None, "matches"),
+    ("ID3 at a quarter of LoRA's count matches LoRA", "id3", "lora/4", "lora", None, "matches"),
 )  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks import quality
 from benchmarks.quality_report import claims_table, write_report
@@ -162,3 +163,13 @@ def test_claims_compare_fixed_size_methods_at_the_stated_budget():
     (row,) = _claim_rows(records, "ID3 at 0.1% matches full fine-tuning")
     assert "| 0.1% |" in row and "| -1.0 |" in row and "holds (within 2 SE)" in row
     assert claims_table([_main_record("id3", "0.1%", 0.78)]) == []
+
+
+def test_count_zeros_counts_exact_zeros_per_tensor():
+    from benchmarks.zero_weights import count_zeros
+
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 1.0, -0.0, 2.0]] * 3))
+        model.bias.fill_(1e-30)  # tiny is not zero
+    assert count_zeros(model) == {"weights": 15, "zeros": 6, "zeros_per_tensor": {"weight": 6}}
