@@ -147,10 +147,10 @@ def full_grid() -> Grid:
     enc_budgets, enc_lora = ("0.03%", "0.1%", "lora"), ("0.03%", "0.1%")
     dec_budgets, dec_lora = ("lora/4", "lora"), ("lora/4",)
 
-    def tune(methods: tuple[str, ...]) -> list[Cell]:
+    def tune(methods, setting="encoder", task="polarity", budget="0.1%") -> list[Cell]:
         return [
-            Cell("tune", "encoder", "polarity", m, None if m in FIXED_SIZE else "0.1%", 0,
-                 "validation", lr)
+            Cell("tune", setting, task, m, None if m in FIXED_SIZE else budget, 0, "validation",
+                 lr)
             for m in methods
             for lr in lrs_for(m)
         ]  # fmt: skip
@@ -174,20 +174,6 @@ def full_grid() -> Grid:
             c for t in ("addition", "plurals") for c in main(t, seed, DECODER_METHODS, "decoder")
         ]
 
-    dec_tune = [
-        Cell(
-            "tune",
-            "decoder",
-            "addition",
-            m,
-            None if m in FIXED_SIZE else "lora/4",
-            0,
-            "validation",
-            lr,
-        )
-        for m in DECODER_METHODS
-        for lr in lrs_for(m)
-    ]
     # The paper's central comparison first (ID3 against PaFi, LoRA and full fine-tuning on one
     # task), then every other method, the ablations, more seeds of the central comparison and of
     # the score ablations (they decide the library's defaults), the second task, the decoder
@@ -201,7 +187,7 @@ def full_grid() -> Grid:
     cells += ablations(0) + main("polarity", 1, core) + main("polarity", 2, core)
     cells += ablations(1, score) + ablations(2, score)
     cells += main("uncertainty", 0, core)
-    cells += dec_tune + decoder(0)
+    cells += tune(DECODER_METHODS, "decoder", "addition", "lora/4") + decoder(0)
     cells += main("uncertainty", 0, rest) + decoder(1) + decoder(2)
     for seed in (1, 2):
         cells += main("polarity", seed, rest) + main("uncertainty", seed) + ablations(seed, others)

@@ -301,22 +301,17 @@ def plot_allocation(records: list[dict], out: Path, setting: str) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pick: dict[str, dict] = {}
+    candidates = [
+        r for r in records
+        if r["phase"] == "main" and r["setting"] == setting and r["seed"] == 0
+        and r["method"] in ("id3", "pafi") and r["allocation"]
+    ]  # fmt: skip
     for budget in ALLOCATION_BUDGETS:
-        for r in records:
-            if (
-                r["phase"] == "main"
-                and r["setting"] == setting
-                and r["seed"] == 0
-                and r["method"] in ("id3", "pafi")
-                and r["budget"] == budget
-                and r["allocation"]
-            ):
-                pick.setdefault(r["method"], r)
+        # reversed: the first task's record is the one kept
+        pick = {r["method"]: r for r in reversed(candidates) if r["budget"] == budget}
         if len(pick) == 2:
             break
-        pick.clear()
-    if len(pick) < 2:
+    else:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     kinds = [k for k, _ in MODULE_KINDS] + ["other"]
