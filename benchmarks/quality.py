@@ -695,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--list", action="store_true", help="print the cells and their state")
     report = sub.add_parser("report", help="write report.md and PNG plots from the records")
     report.add_argument("--out", type=Path, default=RESULTS)
+    report.add_argument(
+        "--readme", type=Path, default=None, help="also copy the tables into this README"
+    )
     cell = sub.add_parser("cell", help=argparse.SUPPRESS)
     cell.add_argument("--out", type=Path, required=True)
     cell.add_argument("payload")
@@ -703,9 +706,11 @@ def main(argv: list[str] | None = None) -> int:
         _cell_main(args.out, args.payload)
         return 0
     if args.command == "report":
-        from benchmarks.quality_report import write_report
+        from benchmarks.quality_report import sync_readme, write_report
 
-        write_report(args.out)
+        path = write_report(args.out)
+        if args.readme:
+            print(f"{sync_readme(args.readme, path)} README tables changed")
         return 0
     if args.grid == "smoke" and args.out is None:
         parser.error("--grid smoke needs --out (it must not mix with the committed records)")

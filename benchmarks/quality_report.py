@@ -423,3 +423,44 @@ def _header(records: list[dict[str, Any]]) -> list[str]:
             f"{len(seconds)} runs."
         )
     return lines + [""]
+
+
+README_SECTION = ("### Quality: ID3 against the baselines", "### Memory:")
+README_TABLES = 6  # report.md's tables up to and including the ablation table
+_TABLE = re.compile(r"(?:^\|.*\n)+", re.MULTILINE)
+
+
+def sync_readme(readme: Path, report: Path) -> int:
+    """Copy report.md's first README_TABLES tables, verbatim and in order, over the tables of
+    README's quality section; returns how many tables changed.
+
+    Each README table must start with the same header column as the report table replacing it,
+    so a README whose tables were reordered fails loudly instead of being silently scrambled.
+    """
+    from unmask.files import atomic_write_text
+
+    text = readme.read_text()
+    start = text.index(README_SECTION[0])
+    end = text.index(README_SECTION[1], start)
+    section = text[start:end]
+    new_tables = _TABLE.findall(report.read_text())[:README_TABLES]
+    old = list(_TABLE.finditer(section))[:README_TABLES]
+    if len(old) != README_TABLES or len(new_tables) != README_TABLES:
+        raise SystemExit(
+            f"expected {README_TABLES} tables in both {readme}'s quality section and {report}, "
+            f"found {len(old)} and {len(new_tables)}"
+        )
+    pieces, last, changed = [], 0, 0
+    for match, table in zip(old, new_tables, strict=True):
+        if match.group().split("|")[1] != table.split("|")[1]:
+            raise SystemExit(
+                f"README table {match.group().splitlines()[0]!r} does not line up with "
+                f"report table {table.splitlines()[0]!r}: reorder the README's tables"
+            )
+        pieces += [section[last : match.start()], table]
+        changed += match.group() != table
+        last = match.end()
+    pieces.append(section[last:])
+    if changed:
+        atomic_write_text(readme, text[:start] + "".join(pieces) + text[end:])
+    return changed

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from benchmarks import quality
-from benchmarks.quality_report import claims_table, write_report
+from benchmarks.quality_report import claims_table, sync_readme, write_report
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +175,29 @@ def test_count_zeros_counts_exact_zeros_per_tensor():
         model.weight.copy_(torch.tensor([[0.0, 1.0, -0.0, 2.0]] * 3))
         model.bias.fill_(1e-30)  # tiny is not zero
     assert count_zeros(model) == {"weights": 15, "zeros": 6, "zeros_per_tensor": {"weight": 6}}
+
+
+def test_committed_readme_tables_are_report_tables(tmp_path):
+    """The README's quality tables must be report.md's, verbatim: a sync of the committed files
+    changes nothing, and a hand edit to a README number is caught and undone."""
+    root = Path(__file__).resolve().parents[1]
+    readme = tmp_path / "README.md"
+    readme.write_text((root / "README.md").read_text())
+    report = root / quality.RESULTS / "report.md"
+    assert sync_readme(readme, report) == 0
+    edited = readme.read_text().replace("| full | – |", "| full | 99.9 |", 1)
+    readme.write_text(edited)
+    assert sync_readme(readme, report) == 1
+    assert readme.read_text() == (root / "README.md").read_text()
+
+
+def test_readme_sync_refuses_tables_out_of_order(tmp_path):
+    report = tmp_path / "report.md"
+    tables = [f"| {name} | x |\n|---|---|\n| a | {i} |\n" for i, name in enumerate("ABCDEF")]
+    report.write_text("\n".join(tables))
+    readme = tmp_path / "README.md"
+    section = "\n".join([tables[1], tables[0], *tables[2:]])
+    readme.write_text(f"### Quality: ID3 against the baselines\n{section}\n### Memory: x\n")
+    with pytest.raises(SystemExit, match="does not line up"):
+        sync_readme(readme, report)
+    assert readme.read_text().startswith("### Quality")
