@@ -19,6 +19,7 @@ from benchmarks.quality import (
     DECODER_METHODS,
     ENCODER_METHODS,
     FIXED_SIZE,
+    Cell,
     load_records,
     tuned_lrs,
 )
@@ -360,14 +361,20 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path) -> Path:
-    """Write OUT/report.md and the plots from OUT/records; returns the report's path."""
+def write_report(out: Path, declared: list[Cell] | None = None) -> Path:
+    """Write OUT/report.md and the plots from OUT/records; returns the report's path.
+
+    With `declared` (the grid's cells) the header also says how much of the grid is done.
+    """
     from unmask.files import atomic_write_text
 
-    records = current(load_records(out))
+    everything = load_records(out)
+    records = current(everything)
     if not records:
         raise SystemExit(f"no records in {out / 'records'}: run the grid first")
     lines = _header(records)
+    if declared:
+        lines[-1:] = _progress(declared, {r["id"] for r in everything}, records) + [""]
     # The encoder's tables first: its grid is the larger and ran first.
     for setting, task in sorted(
         {(r["setting"], r["task"]) for r in records if r["phase"] == "main"},
@@ -423,6 +430,20 @@ def _header(records: list[dict[str, Any]]) -> list[str]:
             f"{len(seconds)} runs."
         )
     return lines + [""]
+
+
+def _progress(declared: list[Cell], done: set[str], records: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for name in dict.fromkeys(c.setting for c in declared):
+        cells = [c for c in declared if c.setting == name]
+        todo = [c for c in cells if c.id not in done]
+        seconds = [r["train_seconds"] for r in records if r["setting"] == name]
+        hours = len(todo) * statistics.median(seconds) / 3600 if seconds else float("nan")
+        lines.append(
+            f"- {name} grid: {len(cells) - len(todo)} of {len(cells)} declared runs done; the "
+            f"{len(todo)} left need about {hours:.1f} h of training at the median."
+        )
+    return lines
 
 
 README_SECTION = ("### Quality: ID3 against the baselines", "### Memory:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,14 @@ def test_rerun_resumes_without_training_again(smoke, capsys):
 
 
 def test_report_has_tables_and_plots(smoke):
-    path = write_report(smoke)
+    cells = quality.smoke_grid(smoke).cells
+    missing = dataclasses.replace(cells[-1], seed=99)
+    path = write_report(smoke, [*cells, missing])
     text = path.read_text()
+    settings = {c.setting for c in cells}
+    assert len(settings) == 1
+    n = sum(c.setting == missing.setting for c in cells)
+    assert f"{missing.setting} grid: {n} of {n + 1} declared runs done; the 1 left" in text
     for method in quality.ENCODER_METHODS:
         assert f"| {method} |" in text
     assert "ID3 ablations" in text and "Learning-rate search" in text
