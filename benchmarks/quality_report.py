@@ -372,9 +372,7 @@ def write_report(out: Path, declared: list[Cell] | None = None) -> Path:
     records = current(everything)
     if not records:
         raise SystemExit(f"no records in {out / 'records'}: run the grid first")
-    lines = _header(records)
-    if declared:
-        lines[-1:] = _progress(declared, {r["id"] for r in everything}, records) + [""]
+    lines = _header(records, declared or [], {r["id"] for r in everything})
     # The encoder's tables first: its grid is the larger and ran first.
     for setting, task in sorted(
         {(r["setting"], r["task"]) for r in records if r["phase"] == "main"},
@@ -404,7 +402,7 @@ def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _header(records: list[dict[str, Any]]) -> list[str]:
+def _header(records: list[dict[str, Any]], declared: list[Cell], done: set[str]) -> list[str]:
     settings = {r["setting"]: r["training"] for r in records}
     lines = [
         "# Quality benchmark",
@@ -422,28 +420,24 @@ def _header(records: list[dict[str, Any]]) -> list[str]:
     hardware = sorted({r.get("hardware", "?") for r in records})
     threads = sorted({r["torch_threads"] for r in records})
     lines.append(f"- hardware: {', '.join(hardware)}; torch threads {threads}.")
+    median = {}
     for name in settings:
         seconds = [r["train_seconds"] for r in records if r["setting"] == name]
+        median[name] = statistics.median(seconds)
         lines.append(
             f"- {name} training time (loading and evaluation not included): median "
-            f"{statistics.median(seconds):.0f} s per run, {sum(seconds) / 3600:.1f} h in "
-            f"{len(seconds)} runs."
+            f"{median[name]:.0f} s per run, {sum(seconds) / 3600:.1f} h in {len(seconds)} runs."
         )
-    return lines + [""]
-
-
-def _progress(declared: list[Cell], done: set[str], records: list[dict[str, Any]]) -> list[str]:
-    lines = []
+    # How much of the declared grid is done, and the training the rest needs at the median.
     for name in dict.fromkeys(c.setting for c in declared):
         cells = [c for c in declared if c.setting == name]
-        todo = [c for c in cells if c.id not in done]
-        seconds = [r["train_seconds"] for r in records if r["setting"] == name]
-        hours = len(todo) * statistics.median(seconds) / 3600 if seconds else float("nan")
+        todo = sum(c.id not in done for c in cells)
+        hours = todo * median.get(name, float("nan")) / 3600
         lines.append(
-            f"- {name} grid: {len(cells) - len(todo)} of {len(cells)} declared runs done; the "
-            f"{len(todo)} left need about {hours:.1f} h of training at the median."
+            f"- {name} grid: {len(cells) - todo} of {len(cells)} declared runs done; the "
+            f"{todo} left need about {hours:.1f} h of training at the median."
         )
-    return lines
+    return lines + [""]
 
 
 README_SECTION = ("### Quality: ID3 against the baselines", "### Memory:")
