@@ -428,15 +428,17 @@ def _header(records: list[dict[str, Any]], declared: list[Cell], done: set[str])
             f"- {name} training time (loading and evaluation not included): median "
             f"{median[name]:.0f} s per run, {sum(seconds) / 3600:.1f} h in {len(seconds)} runs."
         )
+    total = sum(r["train_seconds"] for r in records) / 3600
+    lines.append(f"- training time in all: {total:.1f} h in {len(records)} runs.")
     # How much of the declared grid is done, and the training the rest needs at the median.
     for name in dict.fromkeys(c.setting for c in declared):
         cells = [c for c in declared if c.setting == name]
         todo = sum(c.id not in done for c in cells)
         hours = todo * median.get(name, float("nan")) / 3600
-        lines.append(
-            f"- {name} grid: {len(cells) - todo} of {len(cells)} declared runs done; the "
-            f"{todo} left need about {hours:.1f} h of training at the median."
-        )
+        progress = f"- {name} grid: {len(cells) - todo} of {len(cells)} declared runs done"
+        if todo:
+            progress += f"; the {todo} left need about {hours:.1f} h of training at the median"
+        lines.append(progress + ".")
     return lines + [""]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,10 @@ def test_report_has_tables_and_plots(smoke):
     assert len(settings) == 1
     n = sum(c.setting == missing.setting for c in cells)
     assert f"{missing.setting} grid: {n} of {n + 1} declared runs done; the 1 left" in text
+    runs = re.search(r"(\d+) runs; generated", text)[1]
+    assert re.search(rf"- training time in all: \d+\.\d h in {runs} runs\.", text)
+    complete = write_report(smoke, cells).read_text()
+    assert f"{missing.setting} grid: {n} of {n} declared runs done.\n" in complete
     for method in quality.ENCODER_METHODS:
         assert f"| {method} |" in text
     assert "ID3 ablations" in text and "Learning-rate search" in text
