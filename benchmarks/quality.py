@@ -42,12 +42,17 @@ ENCODER_METHODS = (
     "random",
     "fish",
     "id3",
+    "id3-snr",
     "id3-repeat",
     "increment-pafi",
     "id3+lora",
     "pafi+lora",
 )
-DECODER_METHODS = ("lora", "id3", "pafi", "id3+lora", "pafi+lora")
+DECODER_METHODS = ("lora", "id3", "id3-snr", "random", "pafi", "id3+lora", "pafi+lora")
+# Issue 14's comparison: these methods' sparse members are tuned at every budget.
+COMPARED = ("full", "lora", "pafi", "random", "fish", "id3", "id3-snr")
+DECODER_COMPARED = ("lora", "id3", "id3-snr", "random")
+TASKS = ("polarity", "uncertainty")
 # Methods that train a fixed set of weights, whatever the budget.
 FIXED_SIZE = ("full", "head-only", "lora", "bitfit")
 # Learning-rate search per method: three rates around each family's usual range.
@@ -135,7 +140,14 @@ def _budgets(method: str, budgets: tuple[str, ...], lora_budgets: tuple[str, ...
 
 
 def full_grid() -> Grid:
-    """The committed grid, in the order it runs (most informative cells first)."""
+    """The committed grid, in the order it runs (most informative cells first).
+
+    It holds two studies. The first (issue 4) compared every method with rates tuned at one
+    budget. The second (issue 14, `COMPARED`) tunes each sparse method's rate at every budget
+    (on polarity's and addition's validation splits; uncertainty and plurals use those rates
+    untuned) and compares the new selection, id3-snr, with paper ID3, the static masks, LoRA
+    and full fine-tuning. Cells the two share are run once.
+    """
     settings = {
         "encoder": Setting(
             "minilm", train_size=1600, steps=100, batch_size=16, max_length=64, eval_size=None
@@ -147,13 +159,16 @@ def full_grid() -> Grid:
     enc_budgets, enc_lora = ("0.03%", "0.1%", "lora"), ("0.03%", "0.1%")
     dec_budgets, dec_lora = ("lora/4", "lora"), ("lora/4",)
 
-    def tune(methods, setting="encoder", task="polarity", budget="0.1%") -> list[Cell]:
+    def tune(methods, setting="encoder", task="polarity", budget="0.1%", rates=None) -> list[Cell]:
         return [
             Cell("tune", setting, task, m, None if m in FIXED_SIZE else budget, 0, "validation",
                  lr)
             for m in methods
-            for lr in lrs_for(m)
+            for lr in (rates or lrs_for(m))
         ]  # fmt: skip
+
+    def tune_per_budget(methods, setting, task, budgets, rates) -> list[Cell]:
+        return [c for b in budgets for c in tune(methods, setting, task, b, rates)]
 
     def main(task: str, seed: int, methods=ENCODER_METHODS, setting="encoder") -> list[Cell]:
         budgets, lora = (enc_budgets, enc_lora) if setting == "encoder" else (dec_budgets, dec_lora)
@@ -169,29 +184,46 @@ def full_grid() -> Grid:
             for a in names
         ]
 
-    def decoder(seed: int) -> list[Cell]:
-        return [
-            c for t in ("addition", "plurals") for c in main(t, seed, DECODER_METHODS, "decoder")
-        ]
+    def decoder(seed: int, methods=DECODER_METHODS) -> list[Cell]:
+        return [c for t in ("addition", "plurals") for c in main(t, seed, methods, "decoder")]
 
-    # The paper's central comparison first (ID3 against PaFi, LoRA and full fine-tuning on one
-    # task), then every other method, the ablations, more seeds of the central comparison and of
-    # the score ablations (they decide the library's defaults), the second task, the decoder
-    # (one seed, then the second task's other methods, then more decoder seeds) and the
-    # remaining encoder seeds.
+    # Issue 4's grid: the paper's central comparison first (ID3 against PaFi, LoRA and full
+    # fine-tuning on one task), then every other method, the ablations, more seeds, the second
+    # task, the decoder and the remaining encoder seeds. Its sparse methods of COMPARED are
+    # tuned per budget below instead of at 0.1% only.
     core = ("full", "id3", "pafi", "lora")
     rest = tuple(m for m in ENCODER_METHODS if m not in core)
     score = ("eps=0.1", "eps=1", "exp=0", "exp=2")
     others = tuple(a for a in ABLATIONS if a not in score)
-    cells = tune(core) + main("polarity", 0, core) + tune(rest) + main("polarity", 0, rest)
+    per_budget = [m for m in COMPARED if m not in FIXED_SIZE]
+    once = [m for m in ENCODER_METHODS if m not in per_budget]
+    dec_once = [m for m in DECODER_METHODS if m not in per_budget]
+    cells = tune(m for m in core if m in once) + main("polarity", 0, core)
+    cells += tune(m for m in rest if m in once) + main("polarity", 0, rest)
     cells += ablations(0) + main("polarity", 1, core) + main("polarity", 2, core)
     cells += ablations(1, score) + ablations(2, score)
     cells += main("uncertainty", 0, core)
-    cells += tune(DECODER_METHODS, "decoder", "addition", "lora/4") + decoder(0)
+    cells += tune(dec_once, "decoder", "addition", "lora/4") + decoder(0)
     cells += main("uncertainty", 0, rest) + decoder(1) + decoder(2)
     for seed in (1, 2):
         cells += main("polarity", seed, rest) + main("uncertainty", seed) + ablations(seed, others)
-    return Grid(settings, cells)
+    # Issue 14: the new selection first (tuning, then both tasks, every seed), then the other
+    # sparse methods' tuning at every budget and their runs, then the decoder.
+    enc_rates, dec_rates = (3e-3, 1e-2, 3e-2), (3e-4, 1e-3, 3e-3)
+    cells += tune_per_budget(["id3-snr"], "encoder", "polarity", enc_budgets, enc_rates)
+    cells += [c for seed in range(3) for t in TASKS for c in main(t, seed, ["id3-snr"])]
+    others_sparse = [m for m in per_budget if m != "id3-snr"]
+    cells += tune_per_budget(others_sparse, "encoder", "polarity", enc_budgets, enc_rates)
+    cells += [c for seed in range(3) for t in TASKS for c in main(t, seed, others_sparse)]
+    dec_sparse = [m for m in per_budget if m in DECODER_COMPARED]
+    cells += tune_per_budget(dec_sparse, "decoder", "addition", dec_budgets, dec_rates)
+    cells += [c for seed in range(3) for c in decoder(seed, dec_sparse)]
+    return Grid(settings, _unique(cells))
+
+
+def _unique(cells: list[Cell]) -> list[Cell]:
+    """The cells in order, each once (the two studies share some)."""
+    return list({c.id: c for c in reversed(cells)}.values())[::-1]
 
 
 def smoke_grid(out: Path) -> Grid:
@@ -256,9 +288,17 @@ def _smoke_data(folder: Path) -> tuple[Path, str]:
 
 
 def run_cell(
-    cell: Cell, setting: Setting, tuned_lr: float | None, threads: int | None = None
+    cell: Cell,
+    setting: Setting,
+    tuned_lr: float | None,
+    threads: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one cell; returns its record. Imports torch (call in a child)."""
+    """Train and evaluate one cell; returns its record. Imports torch (call in a child).
+
+    `options` go to the SelectiveOptimizer (default: the cell's ablation options); the key
+    "dense_extra" adds patterns to the dense ones (the new head).
+    """
     import resource
     import tempfile
 
@@ -279,7 +319,9 @@ def run_cell(
     model, tokenizer = load_model(setting.model, task)
     model.train()
     total_weights = sum(p.numel() for p in model.parameters())
-    trainer = _Trainer(cell, model, lr, setting.steps, total_weights)
+    if options is None:
+        options = ABLATIONS.get(cell.ablation or "", {})
+    trainer = _Trainer(cell, model, lr, setting.steps, total_weights, options)
     order = batch_order(len(task.train), setting.batch_size, setting.steps, cell.seed)
 
     def batch(idx: list[int]) -> dict:
@@ -315,7 +357,7 @@ def run_cell(
         **asdict(cell),
         "id": cell.id,
         "lr": lr,
-        "ablation_options": ABLATIONS.get(cell.ablation or "", {}),
+        "ablation_options": options,
         "training": asdict(setting),
         "task_sizes": {"train": len(task.train), "eval": len(examples)},
         "metric": task.metric,
@@ -329,6 +371,7 @@ def run_cell(
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "delta_bytes": delta_bytes,
         "allocation": trainer.allocation(),
+        "concentration": trainer.concentration(),
         "unmask_version": unmask.__version__,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -365,7 +408,9 @@ def budget_count(spec: str, model, total_weights: int) -> int:
 class _Trainer:
     """The model to train and its optimizer, built the way `cell.method` needs."""
 
-    def __init__(self, cell: Cell, model, lr: float, steps: int, total_weights: int) -> None:
+    def __init__(
+        self, cell: Cell, model, lr: float, steps: int, total_weights: int, options: dict
+    ) -> None:
         import torch
 
         from unmask import SelectiveOptimizer
@@ -392,9 +437,10 @@ class _Trainer:
             self.opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
             self._trained = sum(p.numel() for p in trainable)
             return
-        options = dict(ABLATIONS.get(cell.ablation or "", {}))
+        options = dict(options)
+        dense = heads + list(options.pop("dense_extra", []))
         kwargs: dict[str, Any] = (
-            peft_candidates(model) if method.endswith("+lora") else {"dense": heads or None}
+            peft_candidates(model) if method.endswith("+lora") else {"dense": dense or None}
         )
         base_method = method.removesuffix("+lora")
         self.selective = SelectiveOptimizer(
@@ -418,6 +464,36 @@ class _Trainer:
 
     def allocation(self) -> dict[str, int] | None:
         return None if self.selective is None else self.selective.allocation()
+
+    def concentration(self) -> dict[str, float] | None:
+        """How the selection spreads over the rows and input columns of 2-D weights.
+
+        top1pct_columns / top1pct_rows: the share of the selected 2-D weights that sit in the
+        1% of each tensor's columns (rows) holding the most selected weights; a uniformly random
+        mask gives about 0.01 plus sampling noise. Tensor shares by module: see allocation.
+        """
+        if self.selective is None or self.selective.method.kind in ("all", "dense"):
+            return None
+        import math
+
+        params = dict(self.model.named_parameters())
+        total = in_cols = in_rows = 0
+        for name, flat in self.selective.selected().items():
+            p = params[name]
+            if p.dim() != 2 or not flat.numel():
+                continue
+            rows, cols = p.shape
+            n = flat.numel()
+            col_counts = (flat % cols).bincount(minlength=cols).sort(descending=True).values
+            row_counts = (flat // cols).bincount(minlength=rows).sort(descending=True).values
+            in_cols += int(col_counts[: math.ceil(cols / 100)].sum())
+            in_rows += int(row_counts[: math.ceil(rows / 100)].sum())
+            total += n
+        return {
+            "weights_2d": total,
+            "top1pct_columns": round(in_cols / total, 4) if total else 0.0,
+            "top1pct_rows": round(in_rows / total, 4) if total else 0.0,
+        }
 
     def save(self, folder: Path) -> int:
         """Bytes on disk of what this method must store to reproduce the trained model."""
@@ -481,17 +557,29 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
 
 
-def tuned_lrs(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
-    """(setting, method) -> the rate with the best validation metric (ties: the smaller rate)."""
-    best: dict[tuple[str, str], tuple[float, float]] = {}
+def tuned_lrs(records: list[dict[str, Any]]) -> dict[tuple[str, str, str | None], float]:
+    """(setting, method, budget tuned at) -> the rate with the best validation metric (ties:
+    the smaller rate)."""
+    best: dict[tuple[str, str, str | None], tuple[float, float]] = {}
     for r in records:
         if r["phase"] != "tune":
             continue
-        key = (r["setting"], r["method"])
+        key = (r["setting"], r["method"], r["budget"])
         score = (r["value"], -r["lr"])
         if key not in best or score > (best[key][0], -best[key][1]):
             best[key] = (r["value"], r["lr"])
     return {k: lr for k, (_, lr) in best.items()}
+
+
+def rate_for(
+    chosen: dict[tuple[str, str, str | None], float], setting: str, method: str, budget: str | None
+) -> float | None:
+    """The tuned rate a run at `budget` uses: the rate tuned at that budget if the method was
+    tuned there, else the rate of the one budget the method was tuned at (None if unknown)."""
+    if (setting, method, budget) in chosen:
+        return chosen[(setting, method, budget)]
+    tuned = [lr for (s, m, _), lr in chosen.items() if (s, m) == (setting, method)]
+    return tuned[0] if len(tuned) == 1 else None
 
 
 def next_rate(lr: float, up: bool) -> float:
@@ -501,45 +589,74 @@ def next_rate(lr: float, up: bool) -> float:
     return float(f"{lr * step:.0e}")
 
 
-def tuning_extension(grid: Grid, records: list[dict], setting: str, method: str) -> Cell | None:
-    """The extra tuning cell a method needs, if its best rate is at the edge of those tried.
+def tuning_extension(
+    grid: Grid, records: list[dict], setting: str, method: str, budget: str | None
+) -> Cell | None:
+    """The extra tuning cell a method needs at a tuning budget, if its best rate there is at
+    the edge of those tried.
 
-    Every method gets the same rule: its three rates, then while the best is the lowest or the
-    highest rate tried, one more rate beyond it, at most MAX_EXTRA_RATES times.
+    Every method gets the same rule: its declared rates, then while the best is the lowest or
+    the highest rate tried, one more rate beyond it, at most MAX_EXTRA_RATES times.
     """
-    base = _tune_cells(grid, setting, method)
-    tried = _tried_rates(records, setting, method)
+    base = _tune_cells(grid, setting, method, budget)
+    tried = _tried_rates(records, setting, method, budget)
     if not base or any(c.lr not in tried for c in base):
         return None  # the method's own rates first
-    if len(tried) - len(base) >= MAX_EXTRA_RATES:
-        return None
     rates = sorted(tried)
     best = max(rates, key=lambda lr: (tried[lr], -lr))
     if best not in (rates[0], rates[-1]):
         return None
-    return replace(base[0], lr=next_rate(best, up=best == rates[-1]))
+    up = best == rates[-1]
+    # Count only the rates beyond the declared ones on the side of the edge, so that rates an
+    # earlier search tried on the other side do not use up this side's extensions.
+    beyond = [
+        lr for lr in rates if (lr > max(c.lr for c in base) if up else lr < min(c.lr for c in base))
+    ]
+    if len(beyond) >= MAX_EXTRA_RATES:
+        return None
+    return replace(base[0], lr=next_rate(best, up=up))
 
 
-def _tune_cells(grid: Grid, setting: str, method: str) -> list[Cell]:
-    """The method's declared tuning cells (its base rates, before any extension)."""
+def tune_budget(grid: Grid, cell: Cell) -> str | None:
+    """The budget whose tuning sets `cell`'s rate: its own budget where the grid tunes the
+    method there, else the one budget the grid tunes the method at."""
+    budgets = {
+        c.budget
+        for c in grid.cells
+        if c.phase == "tune" and c.setting == cell.setting and c.method == cell.method
+    }
+    if cell.budget in budgets or len(budgets) != 1:
+        return cell.budget
+    return next(iter(budgets))
+
+
+def _tune_cells(grid: Grid, setting: str, method: str, budget: str | None) -> list[Cell]:
+    """The method's declared tuning cells at `budget` (its base rates, before any extension)."""
     return [
-        c for c in grid.cells if c.phase == "tune" and c.setting == setting and c.method == method
+        c
+        for c in grid.cells
+        if c.phase == "tune" and (c.setting, c.method, c.budget) == (setting, method, budget)
     ]
 
 
-def _tried_rates(records: list[dict], setting: str, method: str) -> dict[float, float]:
-    """Rate -> validation metric of the method's finished tuning cells."""
+def _tried_rates(
+    records: list[dict], setting: str, method: str, budget: str | None
+) -> dict[float, float]:
+    """Rate -> validation metric of the method's finished tuning cells at `budget`."""
     return {
         r["lr"]: r["value"]
         for r in records
-        if r["phase"] == "tune" and r["setting"] == setting and r["method"] == method
+        if r["phase"] == "tune"
+        and (r["setting"], r["method"], r["budget"]) == (setting, method, budget)
     }
 
 
-def _tuning_complete(grid: Grid, records: list[dict], setting: str, method: str) -> bool:
-    tried = _tried_rates(records, setting, method)
-    return all(c.lr in tried for c in _tune_cells(grid, setting, method)) and (
-        tuning_extension(grid, records, setting, method) is None
+def _tuning_complete(
+    grid: Grid, records: list[dict], setting: str, method: str, budget: str | None
+) -> bool:
+    tried = _tried_rates(records, setting, method, budget)
+    return all(c.lr in tried for c in _tune_cells(grid, setting, method, budget)) and (
+        tuning_extension(grid, records, setting, method, budget) is None
     )
 
 
@@ -584,8 +701,9 @@ def run_grid(
                 break
             tuned = None
             if cell.lr is None:
-                if not _tuning_complete(grid, records, cell.setting, cell.method):
-                    extra = tuning_extension(grid, records, cell.setting, cell.method)
+                at = tune_budget(grid, cell)
+                if not _tuning_complete(grid, records, cell.setting, cell.method, at):
+                    extra = tuning_extension(grid, records, cell.setting, cell.method, at)
                     queued = {c.id for c in pending} | set(running)
                     if (
                         extra is not None
@@ -595,7 +713,7 @@ def run_grid(
                         pending.insert(pending.index(cell), extra)
                         progressed = True
                     continue
-                tuned = tuned_lrs(records)[(cell.setting, cell.method)]
+                tuned = tuned_lrs(records)[(cell.setting, cell.method, at)]
                 if trained_with.get(cell.id) == tuned:
                     pending.remove(cell)  # done, with the rate its tuning chose
                     continue

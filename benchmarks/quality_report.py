@@ -21,6 +21,7 @@ from benchmarks.quality import (
     FIXED_SIZE,
     Cell,
     load_records,
+    rate_for,
     tuned_lrs,
 )
 
@@ -192,7 +193,7 @@ def tuning_table(records: list[dict]) -> list[str]:
         tried = ", ".join(
             f"{r['lr']:g}: {100 * r['value']:.1f}" for r in sorted(group, key=lambda r: r["lr"])
         )
-        best = chosen.get((setting, method))
+        best = chosen.get((setting, method, budget))
         rates = sorted(r["lr"] for r in group)
         edge = " (edge of the search)" if best in (rates[0], rates[-1]) and len(rates) > 1 else ""
         lines.append(
@@ -398,7 +399,8 @@ def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         r
         for r in records
-        if r["phase"] == "tune" or r["lr"] == chosen.get((r["setting"], r["method"]), r["lr"])
+        if r["phase"] == "tune"
+        or r["lr"] == (rate_for(chosen, r["setting"], r["method"], r["budget"]) or r["lr"])
     ]
 
 

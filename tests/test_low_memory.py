@@ -52,7 +52,9 @@ def _assert_same_model(a, b, exact=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("method", ["id3", "increment-pafi", "pafi", "random", "fish", "bitfit"])
+@pytest.mark.parametrize(
+    "method", ["id3", "id3-snr", "increment-pafi", "pafi", "random", "fish", "bitfit"]
+)
 def test_same_selection_and_weights_as_standard_mode(method, model_kind):
     if method == "bitfit" and model_kind == "llama":
         pytest.skip("the Llama model has no bias terms")

@@ -60,7 +60,7 @@ def test_tuned_rate_is_the_best_on_validation(smoke):
         if r["phase"] == "main":
             tried = [t for t in records if t["phase"] == "tune" and t["method"] == r["method"]]
             best = max(tried, key=lambda t: (t["value"], -t["lr"]))
-            assert r["lr"] == best["lr"] == chosen[("encoder", r["method"])]
+            assert r["lr"] == best["lr"] == quality.rate_for(chosen, "encoder", r["method"], "5%")
 
 
 def test_budgets_resolve_against_the_whole_model_and_lora(smoke):
@@ -126,15 +126,24 @@ def test_rate_ladder_and_edge_extension():
     )
 
     def record(lr, value):
-        return {"phase": "tune", "setting": "s", "method": "id3", "lr": lr, "value": value}
+        return {
+            "phase": "tune", "setting": "s", "method": "id3", "budget": "1%", "lr": lr,
+            "value": value,
+        }  # fmt: skip
 
     middle = [record(1e-3, 0.6), record(3e-3, 0.8), record(1e-2, 0.7)]
-    assert quality.tuning_extension(grid, middle, "s", "id3") is None
+    assert quality.tuning_extension(grid, middle, "s", "id3", "1%") is None
     top = [record(1e-3, 0.6), record(3e-3, 0.7), record(1e-2, 0.8)]
-    assert quality.tuning_extension(grid, top, "s", "id3").lr == 3e-2
-    assert quality.tuning_extension(grid, top[:2], "s", "id3") is None  # base rates first
+    assert quality.tuning_extension(grid, top, "s", "id3", "1%").lr == 3e-2
+    assert quality.tuning_extension(grid, top[:2], "s", "id3", "1%") is None  # base rates first
     capped = top + [record(3e-2, 0.9), record(1e-1, 0.95)]
-    assert quality.tuning_extension(grid, capped, "s", "id3") is None  # at most 2 extra rates
+    assert quality.tuning_extension(grid, capped, "s", "id3", "1%") is None  # at most 2 extra rates
+    # Rates an earlier search tried below the declared ones do not use up the upward extensions.
+    earlier = top + [record(1e-4, 0.5), record(3e-4, 0.55)]
+    assert quality.tuning_extension(grid, earlier, "s", "id3", "1%").lr == 3e-2
+    # Another budget's search is another search.
+    other = [dict(r, budget="2%") for r in top]
+    assert quality.tuning_extension(grid, other, "s", "id3", "1%") is None
 
 
 def _main_record(method, budget, value, seed=0, n_eval=800):

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import scores
+from .token_moments import TokenMoments
 
 Kind = Literal["increment", "repeat", "static", "all", "dense"]
 
@@ -69,6 +70,22 @@ class Method:
     def config(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
 
+    # Lifecycle for methods whose keys need more than the gradient (statistics gathered by
+    # hooks during backward). The optimizer calls them; the defaults do nothing.
+    distributed: ClassVar[bool] = True
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once, before the candidates are chosen, with the model being fine-tuned."""
+
+    def clear(self) -> None:
+        """Called after every step and zero_grad(): the next backward starts a new batch."""
+
+    def release(self, param: Tensor) -> None:
+        """Called when `param`'s keys of this step are taken (low-memory mode)."""
+
+    def detach(self) -> None:
+        """Called when the mask is final or the optimizer closes: stop collecting."""
+
     def eligibility_floor(self) -> float:
         return self.floor
 
@@ -97,6 +114,75 @@ class ID3(Method):
 
     def eligibility_floor(self) -> float:
         return scores.d3_floor(self.score_exp)
+
+
+@dataclass
+class ID3SNR(Method):
+    """Increment-S ranked by the gradient's signal-to-noise ratio over the batch's tokens.
+
+    key = |Σ_t g_t| / sqrt(Σ_t g_t²), where g_t is token t's contribution to the weight's
+    gradient g = Σ_t g_t (see `unmask.token_moments`). If the per-token contributions were
+    independent noise around zero the key would be about 1 whatever the weight's scale, so keys
+    of different tensors, rows and columns are comparable; it is large only where the tokens
+    agree on the direction. Unlike |g| (and D3) it does not grow with the scale of the input
+    feature a weight reads, so activation-outlier columns and untrained modules gain nothing
+    from their scale. By Cauchy-Schwarz the key is at most sqrt(tokens).
+
+    Candidates are the weights, biases and gains of nn.Linear, Conv1D, nn.Embedding and
+    LayerNorm / RMSNorm modules; other parameters are left frozen. Single process only.
+    """
+
+    name: ClassVar[str] = "id3-snr"
+    kind: ClassVar[Kind] = "increment"
+    needs_grad: ClassVar[bool] = True
+    distributed: ClassVar[bool] = False
+    floor: ClassVar[float] = 0.0
+
+    def __post_init__(self) -> None:
+        self._moments: TokenMoments | None = None
+        self._params: dict[str, Tensor] = {}
+
+    def attach(self, model: nn.Module) -> None:
+        self._params = dict(model.named_parameters())
+        self._moments = TokenMoments(model, [p for p in self._params.values() if p.requires_grad])
+
+    def is_candidate(self, name: str, param: Tensor) -> bool:
+        return self._moments is None or id(param) in self._moments.covered
+
+    def no_candidate_hint(self) -> str:
+        return (
+            "id3-snr ranks the parameters of nn.Linear, Conv1D, nn.Embedding and LayerNorm / "
+            "RMSNorm modules and this model has none among its candidates; use method='id3'"
+        )
+
+    def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
+        return self.shard_keys(name, param, signal, out, 0, param.numel())
+
+    def shard_keys(
+        self, name: str, shard: Tensor, signal: Tensor | None, out: Tensor, start: int, numel: int
+    ) -> Tensor:
+        assert signal is not None
+        count = shard.numel()
+        keys = out[:count]
+        moments = None if self._moments is None else self._moments.moments(self._params[name])
+        if moments is None:  # no backward through a hooked module: no evidence, not eligible
+            return keys.zero_()
+        second = moments.reshape(-1)[start : start + count]
+        torch.div(signal.detach().reshape(-1).abs(), second.sqrt(), out=keys)
+        return keys.nan_to_num_(nan=0.0)  # 0/0: no token touched the weight
+
+    def clear(self) -> None:
+        if self._moments is not None:
+            self._moments.clear()
+
+    def release(self, param: Tensor) -> None:
+        if self._moments is not None:
+            self._moments.release(param)
+
+    def detach(self) -> None:
+        if self._moments is not None:
+            self._moments.remove()
+            self._moments.active = False
 
 
 @dataclass
@@ -193,7 +279,7 @@ class Full(Method):
 
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (ID3, ID3Repeat, IncrementPaFi, PaFi, RandomMask, Fish, BitFit, Full)
+    m.name: m for m in (ID3, ID3SNR, ID3Repeat, IncrementPaFi, PaFi, RandomMask, Fish, BitFit, Full)
 }
 
 

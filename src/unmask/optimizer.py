@@ -147,6 +147,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 f"low_memory=True is not available for method {self.method.name!r}: it needs "
                 "every weight's gradient at once; use the standard mode (low_memory=False)"
             )
+        if not self.method.distributed and world_size() > 1:
+            raise ValueError(
+                f"method {self.method.name!r} ranks with statistics each process gathers from "
+                "its own batch, so the processes would select different weights; it runs in a "
+                "single process only: use 'id3' under torch.distributed"
+            )
+        self.method.attach(model)
         cands = find_candidates(model, self.method, include, exclude, dense)
         self._names = [n for n, _ in cands.sparse]
         self._params = [p for _, p in cands.sparse]
@@ -314,6 +321,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 self._unmask_from_pending()
             else:
                 self._unmask()
+            if self._num_chosen >= self.budget:
+                self.method.detach()  # the mask is final: stop gathering statistics
             self._freeze_if_final()
         elif kind == "repeat":
             self._reselect()
@@ -334,6 +343,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         )
         self.steps_done += 1
         self._clear_pending()
+        self.method.clear()
         return loss
 
     def _freeze_if_final(self) -> None:
@@ -368,6 +378,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     def _skip_step(self) -> None:
         self._clear_pending()
+        self.method.clear()
         self.num_skipped_steps += 1
         self.consecutive_skips += 1
         message = (
@@ -385,6 +396,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of every candidate and dense parameter of the model."""
         self._clear_pending()
+        self.method.clear()
         for p in self._params + self._dense_params:
             if p.grad is not None:
                 if set_to_none:
@@ -464,6 +476,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self.method.detach()
 
     def _consume_grad(self, i: int, param: Tensor) -> None:
         """Take what the step needs from tensor i's fresh gradient, then free the gradient."""
@@ -481,6 +494,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         k = self._quota()
         if k > 0 and flat.numel():
             self._add_candidates(i, param, flat, k)
+        self.method.release(param)
         param.grad = None
 
     def _add_candidates(self, i: int, param: Tensor, flat_grad: Tensor | None, k: int) -> None:

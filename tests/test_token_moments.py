@@ -1,0 +1,125 @@
+"""Per-token gradient second moments (token_moments.py) and the id3-snr score built on them."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tests.conftest import make_batches, tiny_bert, tiny_llama
+from unmask import SelectiveOptimizer
+from unmask.methods import ID3SNR
+from unmask.token_moments import TokenMoments
+
+
+class _RMSNorm(nn.Module):
+    """Shaped like Hugging Face's LlamaRMSNorm (found by its class name, not by its type)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _tokenwise_model() -> nn.Module:
+    # Every module works token by token, so one token's output has its own gradient.
+    torch.manual_seed(0)
+    conv = Conv1D(5, 4)
+    nn.init.normal_(conv.bias)
+    return nn.Sequential(
+        nn.Embedding(10, 4),
+        nn.Linear(4, 4),
+        nn.LayerNorm(4),
+        conv,
+        _RMSNorm(5),
+        nn.RMSNorm(5),
+        nn.Linear(5, 3, bias=False),
+    )
+
+
+def test_moments_equal_brute_force_per_token_gradients():
+    model = _tokenwise_model()
+    moments = TokenMoments(model, list(model.parameters()))
+    assert moments.covered == {id(p) for p in model.parameters()}
+    ids = torch.tensor([[1, 2, 2, 7], [0, 1, 9, 2]])  # repeated tokens share embedding rows
+    weights = torch.randn(2, 4, 3)
+    (model(ids) * weights).sum().backward()
+    brute = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    moments.active = False
+    for b, t in itertools.product(range(2), range(4)):
+        model.zero_grad()
+        (model(ids)[b, t] * weights[b, t]).sum().backward()
+        for n, p in model.named_parameters():
+            brute[n] += p.grad.square()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(moments.moments(p), brute[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_every_transformer_parameter_is_covered_and_bounded(make):
+    model = make()
+    kind = "bert" if make is tiny_bert else "llama"
+    moments = TokenMoments(model, list(model.parameters()))
+    assert moments.covered == {id(p) for p in model.parameters()}
+    batch = make_batches(kind, 1)[0]
+    model(**batch).loss.backward()
+    tokens = batch["input_ids"].numel()
+    for name, p in model.named_parameters():
+        second = moments.moments(p)
+        assert second is not None and second.shape == p.shape, name
+        # Cauchy-Schwarz: (Σ_t g_t)² <= tokens · Σ_t g_t², so the key is at most sqrt(tokens).
+        assert (p.grad.square() <= tokens * second * (1 + 1e-4) + 1e-12).all(), name
+
+
+def test_snr_key_ignores_the_scale_of_an_input_feature():
+    # Scaling input feature c by s scales g[:, c] by s and Σ_t g_t²[:, c] by s²: same keys.
+    torch.manual_seed(0)
+    x, target = torch.randn(32, 6), torch.randn(32, 3)
+    keys = []
+    for scale in (1.0, 50.0):
+        torch.manual_seed(1)
+        layer = nn.Linear(6, 3)
+        with torch.no_grad():
+            layer.weight[:, 2] /= scale
+        xs = x.clone()
+        xs[:, 2] *= scale
+        method = ID3SNR()
+        method.attach(layer)
+        ((layer(xs) - target) ** 2).sum().backward()
+        out = torch.empty(18)
+        keys.append(method.keys("weight", layer.weight, layer.weight.grad, out).clone())
+    torch.testing.assert_close(keys[0], keys[1], rtol=1e-4, atol=1e-6)
+
+
+def test_id3_snr_keeps_the_budget_and_stops_collecting_when_final():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(model, method="id3-snr", budget=120, total_steps=3, lr=1e-2)
+    for step, batch in enumerate(make_batches("bert", 5)):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt.num_selected == min(120, 40 * (step + 1))
+    assert opt.method._moments._handles == []  # hooks removed once the budget was spent
+
+
+def test_parameters_outside_supported_modules_are_not_candidates():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    model = Scaled()
+    opt = SelectiveOptimizer(model, method="id3-snr", budget=4, total_steps=1)
+    assert set(opt._names) == {"linear.weight", "linear.bias"}
+    with pytest.raises(ValueError, match="id3-snr ranks the parameters of nn.Linear"):
+        SelectiveOptimizer(model, method="id3-snr", budget=4, total_steps=1, include="scale")
