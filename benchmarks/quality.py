@@ -297,7 +297,8 @@ def run_cell(
     """Train and evaluate one cell; returns its record. Imports torch (call in a child).
 
     `options` go to the SelectiveOptimizer (default: the cell's ablation options); the key
-    "dense_extra" adds patterns to the dense ones (the new head).
+    "dense_extra" adds patterns to the dense ones (the new head); "method_options" builds the
+    method with these options (`unmask.methods.make_method`).
     """
     import resource
     import tempfile
@@ -439,10 +440,15 @@ class _Trainer:
             return
         options = dict(options)
         dense = heads + list(options.pop("dense_extra", []))
+        method_options = options.pop("method_options", None)
         kwargs: dict[str, Any] = (
             peft_candidates(model) if method.endswith("+lora") else {"dense": dense or None}
         )
         base_method = method.removesuffix("+lora")
+        if method_options:
+            from unmask.methods import make_method
+
+            base_method = make_method(base_method, **method_options)
         self.selective = SelectiveOptimizer(
             model,
             method=base_method,

@@ -71,6 +71,13 @@ def experiments() -> list[Experiment]:
     for seed in (1, 2):
         for method, lr in (("id3-snr", 1e-2), ("random", 3e-2), ("id3", 3e-3)):
             out.append(Experiment("seeds", _cell(method, lr, seed)))
+    # 3b. Allocation: id3-snr with every tensor given a random mask's expected share.
+    proportional = {"method_options": {"allocation": "proportional"}}
+    for seed, lr in ((0, 1e-2), (0, 3e-2), (1, 1e-2), (1, 3e-2)):
+        out.append(
+            Experiment("allocation", _cell("id3-snr", lr, seed), options=proportional,
+                       variant="proportional")
+        )  # fmt: skip
     # 4. Training length: is 100 steps (one epoch) long enough to rank the methods?
     for steps in (200, 400):
         longer = replace(ENCODER, steps=steps)

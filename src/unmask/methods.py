@@ -70,6 +70,11 @@ class Method:
     def config(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
 
+    def allocation_of(self) -> str:
+        """ "global": one top-k over all candidates; "proportional": each tensor first gets a
+        share of every step's quota proportional to its size (see `ID3SNR.allocation`)."""
+        return "global"
+
     # Lifecycle for methods whose keys need more than the gradient (statistics gathered by
     # hooks during backward). The optimizer calls them; the defaults do nothing.
     distributed: ClassVar[bool] = True
@@ -137,14 +142,26 @@ class ID3SNR(Method):
     needs_grad: ClassVar[bool] = True
     distributed: ClassVar[bool] = False
     floor: ClassVar[float] = 0.0
+    # "proportional": after step t, tensor i holds at least floor(C_t * n_i / N) weights where
+    # it has that many eligible ones (C_t: the schedule's count, n_i: its size, N: all
+    # candidates), the same expected share a uniformly random mask gives it; the rest of each
+    # step's quota goes to the global top-k. "global": the global top-k alone.
+    allocation: str = "global"
 
     def __post_init__(self) -> None:
+        if self.allocation not in ("global", "proportional"):
+            raise ValueError(
+                f"allocation must be 'global' or 'proportional', got {self.allocation!r}"
+            )
         self._moments: TokenMoments | None = None
         self._params: dict[str, Tensor] = {}
 
     def attach(self, model: nn.Module) -> None:
         self._params = dict(model.named_parameters())
         self._moments = TokenMoments(model, [p for p in self._params.values() if p.requires_grad])
+
+    def allocation_of(self) -> str:
+        return self.allocation
 
     def is_candidate(self, name: str, param: Tensor) -> bool:
         return self._moments is None or id(param) in self._moments.covered

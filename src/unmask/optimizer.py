@@ -142,6 +142,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 "total_steps=T (the number of optimizer steps)"
             )
         self.total_steps = None if total_steps is None else check_total_steps(total_steps)
+        if low_memory and self.method.allocation_of() != "global":
+            raise ValueError(
+                f"low_memory=True is not available with allocation="
+                f"{self.method.allocation_of()!r} yet; use the standard mode"
+            )
         if low_memory and kind in ("repeat", "dense"):
             raise ValueError(
                 f"low_memory=True is not available for method {self.method.name!r}: it needs "
@@ -409,7 +414,29 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if k <= 0:
             return
         signals = [p.grad for p in self._params] if self.method.needs_grad else None
+        if self.method.allocation_of() == "proportional":
+            k -= self._unmask_proportional(signals, k)
         self._assign(self._select(self._sources(signals, exclude=True), k))
+
+    def _unmask_proportional(self, signals: list[Tensor | None] | None, k: int) -> int:
+        """Fill each tensor up to its size's share of the schedule's count; returns how many
+        weights were unmasked (at most k)."""
+        target = min(self._num_chosen + k, self.budget)
+        total = sum(p.numel() for p in self._params)
+        held = dict.fromkeys(range(len(self._params)), 0)
+        held.update({i: local.numel() for i, _, local in self._touched})
+        chosen = []
+        sources = self._sources(signals, exclude=True, with_tensor=True)
+        for i, source in sources:
+            want = target * self._params[i].numel() // total - held[i]
+            if want > 0:
+                chosen.append(select_top([source], min(want, k), self.method.eligibility_floor()))
+                k -= chosen[-1].numel()
+        if not chosen:
+            return 0
+        picked = torch.cat(chosen).sort().values
+        self._assign(picked)
+        return picked.numel()
 
     def _select(self, sources: list[KeySource], k: int) -> Tensor:
         """Ascending global indices of the at most k best eligible keys; under FSDP, over every
@@ -441,7 +468,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._reset_state(kept[~previously_active[kept]])
         self._rebuild_layout()
 
-    def _sources(self, signals: list[Tensor | None] | None, exclude: bool) -> list[KeySource]:
+    def _sources(
+        self, signals: list[Tensor | None] | None, exclude: bool, with_tensor: bool = False
+    ) -> list:
         scratch = torch.empty(self._max_numel, dtype=torch.float32, device=self._offsets.device)
         excluded = {i: local for i, _, local in self._touched} if exclude else {}
         sources = []
@@ -462,7 +491,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                     keys.index_fill_(0, skip, _NEG_INF)
                 return keys
 
-            sources.append(KeySource(self._origins[i], fill))
+            source = KeySource(self._origins[i], fill)
+            sources.append((i, source) if with_tensor else source)
         return sources
 
     # ------------------------------------------------------------------ low-memory mode

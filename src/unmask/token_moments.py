@@ -37,8 +37,10 @@ def _is_rms_norm(module: nn.Module) -> bool:
     """Hugging Face's own RMSNorm classes (Llama, Qwen, Mistral, T5, Gemma ...): a 1-D gain."""
     weight = getattr(module, "weight", None)
     return (
-        "RMSNorm" in type(module).__name__ or type(module).__name__ == "T5LayerNorm"
-    ) and isinstance(weight, nn.Parameter) and weight.dim() == 1
+        ("RMSNorm" in type(module).__name__ or type(module).__name__ == "T5LayerNorm")
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+    )
 
 
 class TokenMoments:
