@@ -635,3 +635,12 @@ def test_freeze_unselected_skips_gradients_without_changing_results(method):
         results.append(snapshot(model))
     for name, value in results[0].items():
         assert torch.equal(value, results[1][name]), name
+
+
+def test_random_masks_differ_between_seeds_and_repeat_within_one():
+    masks = []
+    for seed in (0, 1, 2, 1):
+        opt = SelectiveOptimizer(tiny_bert(), method="random", budget=200, seed=seed)
+        masks.append({n: set(v.tolist()) for n, v in opt.selected().items()})
+    assert masks[1] == masks[3]
+    assert masks[0] != masks[1] and masks[1] != masks[2] and masks[0] != masks[2]

@@ -237,6 +237,9 @@ class PaFi(Method):
         return scores.small_magnitude(param, out)
 
 
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: consecutive seeds land far apart
+
+
 @dataclass
 class RandomMask(Method):
     """Static: a uniformly random set of B weights, reproducible from `seed`."""
@@ -251,9 +254,12 @@ class RandomMask(Method):
     def shard_keys(
         self, name: str, shard: Tensor, signal: Tensor | None, out: Tensor, start: int, numel: int
     ) -> Tensor:
-        # One generator per tensor name, so the same tensor always gets the same keys; a shard
-        # draws the whole tensor's keys and keeps its own part (O(numel) while it runs).
-        generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(name.encode()))
+        # One generator per (seed, tensor name), so the same tensor always gets the same keys; a
+        # shard draws the whole tensor's keys and keeps its own part (O(numel) while it runs).
+        # torch's CPU generator keeps only the low 32 bits of its seed, so the seed is mixed
+        # into those bits (seed 0 keeps the keys it always had).
+        mixed = (zlib.crc32(name.encode()) + self.seed * _GOLDEN) % 2**32
+        generator = torch.Generator().manual_seed(mixed)
         return scores.uniform_random(numel, out, generator, start, shard.numel())
 
 
