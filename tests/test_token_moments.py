@@ -123,3 +123,33 @@ def test_parameters_outside_supported_modules_are_not_candidates():
     assert set(opt._names) == {"linear.weight", "linear.bias"}
     with pytest.raises(ValueError, match="id3-snr ranks the parameters of nn.Linear"):
         SelectiveOptimizer(model, method="id3-snr", budget=4, total_steps=1, include="scale")
+
+
+def test_proportional_allocation_follows_tensor_sizes_and_keeps_the_budget():
+    def spread(allocation: str) -> float:
+        model = tiny_bert()
+        method = ID3SNR(allocation=allocation)
+        opt = SelectiveOptimizer(model, method=method, budget=1000, total_steps=4, lr=1e-2)
+        for step, batch in enumerate(make_batches("bert", 4)):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            assert opt.num_selected == 250 * (step + 1)
+        held, total = opt.allocation(), sum(p.numel() for p in opt._params)
+        # Weights away from each tensor's size share, as a fraction of the budget.
+        return sum(
+            abs(held.get(n, 0) - 1000 * p.numel() / total)
+            for n, p in zip(opt._names, opt._params, strict=True)
+        ) / 1000
+
+    assert spread("proportional") < 0.05 < 0.5 < spread("global")
+
+
+def test_proportional_allocation_is_refused_in_low_memory_mode():
+    with pytest.raises(ValueError, match="allocation='proportional'"):
+        SelectiveOptimizer(
+            tiny_bert(), method=ID3SNR(allocation="proportional"), budget=10, total_steps=2,
+            low_memory=True,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="allocation must be"):
+        ID3SNR(allocation="rows")

@@ -142,10 +142,11 @@ class ID3SNR(Method):
     needs_grad: ClassVar[bool] = True
     distributed: ClassVar[bool] = False
     floor: ClassVar[float] = 0.0
-    # "proportional": after step t, tensor i holds at least floor(C_t * n_i / N) weights where
-    # it has that many eligible ones (C_t: the schedule's count, n_i: its size, N: all
-    # candidates), the same expected share a uniformly random mask gives it; the rest of each
-    # step's quota goes to the global top-k. "global": the global top-k alone.
+    # "global": one global top-k per step. "proportional" (an ablation; standard mode only):
+    # each step first tops every tensor up towards floor(C_t * n_i / N) weights, in model
+    # order while the step's quota lasts (C_t: the schedule's count, n_i: the tensor's size,
+    # N: all candidates; a uniformly random mask's expected share), then spends the rest of the
+    # quota on the global top-k.
     allocation: str = "global"
 
     def __post_init__(self) -> None:

@@ -419,8 +419,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._assign(self._select(self._sources(signals, exclude=True), k))
 
     def _unmask_proportional(self, signals: list[Tensor | None] | None, k: int) -> int:
-        """Fill each tensor up to its size's share of the schedule's count; returns how many
-        weights were unmasked (at most k)."""
+        """Top each tensor up towards its size's share of the schedule's count, in model order
+        while the quota k lasts; returns how many weights were unmasked (at most k)."""
         target = min(self._num_chosen + k, self.budget)
         total = sum(p.numel() for p in self._params)
         held = dict.fromkeys(range(len(self._params)), 0)
