@@ -52,9 +52,8 @@ def _cell(method: str, lr: float, seed: int = 0, task: str = "polarity", budget=
 def experiments() -> list[Experiment]:
     """Every experiment of the study, most informative first."""
     out: list[Experiment] = []
-    # 1. The candidate fix: a scale-free score (per-token gradient signal-to-noise ratio).
-    for lr in (3e-3, 1e-2, 3e-2, 1e-3):
-        out.append(Experiment("snr", _cell("id3-snr", lr)))
+    # 1. id3-snr's learning rate: the quality grid's tuning cells are these runs
+    # (tune_polarity_id3-snr_s0_b*_lr*), so the study does not repeat them.
     # 2. Untrained pretrained modules: the pooler as a candidate (default), excluded (frozen),
     # or dense outside the budget (148K more trained weights: a diagnosis, not a fair method).
     pooler_dense = {"dense_extra": ["pooler"], "dense_in_budget": False}
@@ -140,7 +139,9 @@ def score_noise(batches: int = 6, threads: int = 2) -> dict[str, Any]:
             keys[name] = {
                 "id3": scores.d3(p, p.grad, out.clone(), 1e-3, 1.0),
                 "gradient": g.abs(),  # exp = 0 (and FISH on one batch: g² ranks the same)
-                "id3-snr": (g.abs() / moments.moments(p).reshape(-1).sqrt()).nan_to_num_(0.0),
+                "id3-snr": (g.abs() / moments.moments(p).reshape(-1).sqrt()).nan_to_num_(
+                    nan=0.0, posinf=0.0
+                ),
             }
         for score in ("id3", "gradient", "id3-snr"):
             flat = torch.cat([keys[n][score] for n, _ in named])
@@ -200,7 +201,6 @@ def _placement(top, named) -> dict[str, float]:
 
 
 STUDY_TITLES = {
-    "snr": "id3-snr's learning rate (polarity, 0.1%, seed 0)",
     "pooler": "The untrained pooler: candidate, excluded, or dense outside the budget (ID3)",
     "seeds": "Seeds 1 and 2 at each selection's best seed-0 rate",
     "allocation": "id3-snr with each tensor's share of a random mask first (proportional)",

@@ -153,3 +153,16 @@ def test_proportional_allocation_is_refused_in_low_memory_mode():
         )  # fmt: skip
     with pytest.raises(ValueError, match="allocation must be"):
         ID3SNR(allocation="rows")
+
+
+def test_weights_whose_squares_underflow_get_no_key():
+    # A gradient of ~1e-30 has per-token squares below float32's range: g / sqrt(0) must not
+    # rank first (it did, as the largest float, before).
+    layer = nn.Linear(3, 2)
+    method = ID3SNR()
+    method.attach(layer)
+    x = torch.tensor([[1e-16, 1.0, 1.0]] * 4)
+    (layer(x) * torch.tensor([1e-15, 1.0])).sum().backward()
+    keys = method.keys("weight", layer.weight, layer.weight.grad, torch.empty(6))
+    assert layer.weight.grad[0, 0] != 0 and keys[0] == 0
+    assert torch.isfinite(keys).all() and keys[1:].gt(0).all()

@@ -187,7 +187,9 @@ class ID3SNR(Method):
             return keys.zero_()
         second = moments.reshape(-1)[start : start + count]
         torch.div(signal.detach().reshape(-1).abs(), second.sqrt(), out=keys)
-        return keys.nan_to_num_(nan=0.0)  # 0/0: no token touched the weight
+        # 0/0 (no token touched the weight) and g/0 (a gradient of ~1e-34 whose per-token
+        # squares underflowed) carry no evidence: key 0, never selected.
+        return keys.nan_to_num_(nan=0.0, posinf=0.0)
 
     def clear(self) -> None:
         if self._moments is not None:
