@@ -197,7 +197,8 @@ def full_grid() -> Grid:
     others = tuple(a for a in ABLATIONS if a not in score)
     per_budget = [m for m in COMPARED if m not in FIXED_SIZE]
     once = [m for m in ENCODER_METHODS if m not in per_budget]
-    dec_once = [m for m in DECODER_METHODS if m not in per_budget]
+    dec_sparse = [m for m in per_budget if m in DECODER_COMPARED]
+    dec_once = [m for m in DECODER_METHODS if m not in dec_sparse]
     cells = tune(m for m in core if m in once) + main("polarity", 0, core)
     cells += tune(m for m in rest if m in once) + main("polarity", 0, rest)
     cells += ablations(0) + main("polarity", 1, core) + main("polarity", 2, core)
@@ -215,7 +216,6 @@ def full_grid() -> Grid:
     others_sparse = [m for m in per_budget if m != "id3-snr"]
     cells += tune_per_budget(others_sparse, "encoder", "polarity", enc_budgets, enc_rates)
     cells += [c for seed in range(3) for t in TASKS for c in main(t, seed, others_sparse)]
-    dec_sparse = [m for m in per_budget if m in DECODER_COMPARED]
     cells += tune_per_budget(dec_sparse, "decoder", "addition", dec_budgets, dec_rates)
     cells += [c for seed in range(3) for c in decoder(seed, dec_sparse)]
     return Grid(settings, _unique(cells))

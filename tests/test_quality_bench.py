@@ -222,3 +222,11 @@ def test_readme_sync_refuses_tables_out_of_order(tmp_path):
     with pytest.raises(SystemExit, match="does not line up"):
         sync_readme(readme, report)
     assert readme.read_text().startswith("### Quality")
+
+
+def test_every_declared_run_has_declared_tuning():
+    grid = quality.full_grid()
+    tunes = {(c.setting, c.method, c.budget) for c in grid.cells if c.phase == "tune"}
+    for cell in grid.cells:
+        if cell.lr is None:
+            assert (cell.setting, cell.method, quality.tune_budget(grid, cell)) in tunes, cell.id
