@@ -24,6 +24,65 @@ from typing import Any
 from benchmarks.quality import Cell, Setting, full_grid, run_cell
 
 RESULTS = Path("benchmarks/results/selection")
+
+
+def _register_study_methods() -> None:
+    """Diagnostic methods of this study only (not library methods): see SNRStatic."""
+    import torch
+
+    from unmask.methods import ID3SNR, METHODS
+
+    class SNRStatic(ID3SNR):
+        """Static mask: the top-B accumulated SNR over the calibration batches.
+
+        key = |Σ_b g_b| / sqrt(Σ_b Σ_t g_{b,t}²) over every token of every calibration batch:
+        the same statistic as id3-snr, with 8 batches of evidence instead of one. Holds two
+        dense float32 accumulators (a diagnosis of score noise, not a method to ship).
+        """
+
+        name = "snr-static"
+        kind = "static"
+        needs_calibration = True
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self._sum_g: dict[int, torch.Tensor] = {}
+            self._sum_s: dict[int, torch.Tensor] = {}
+
+        def clear(self) -> None:
+            if self._sum_g and getattr(self, "_ranked", False):
+                self._sum_g, self._sum_s = {}, {}
+                self.detach()  # the mask is chosen: no more statistics during training
+                return
+            # calibrate() clears before every batch and once after the last, while the
+            # previous batch's gradients are still there: add them to the accumulators.
+            if self._moments is not None:
+                for p in self._params.values():
+                    s = self._moments.moments(p)
+                    if p.grad is not None and s is not None:
+                        key = id(p)
+                        if key not in self._sum_g:
+                            self._sum_g[key] = torch.zeros_like(p, dtype=torch.float32)
+                            self._sum_s[key] = torch.zeros_like(p, dtype=torch.float32)
+                        self._sum_g[key].add_(p.grad.detach())
+                        self._sum_s[key].add_(s)
+            super().clear()
+
+        def shard_keys(self, name, shard, signal, out, start, numel):
+            keys = out[: shard.numel()]
+            self._ranked = True
+            key = id(self._params[name])
+            if key not in self._sum_g:
+                return keys.zero_()
+            g = self._sum_g[key].reshape(-1)[start : start + shard.numel()]
+            s = self._sum_s[key].reshape(-1)[start : start + shard.numel()]
+            torch.div(g.abs(), s.sqrt(), out=keys)
+            return keys.nan_to_num_(nan=0.0, posinf=0.0)
+
+    METHODS.setdefault(SNRStatic.name, SNRStatic)
+
+
+_register_study_methods()
 ENCODER = full_grid().settings["encoder"]
 
 
@@ -77,6 +136,10 @@ def experiments() -> list[Experiment]:
             Experiment("allocation", _cell("id3-snr", lr, seed), options=proportional,
                        variant="proportional")
         )  # fmt: skip
+    # 3c. Score noise: the same statistic from 8 batches (a static mask) instead of one.
+    for seed in (0, 1, 2):
+        for lr in (1e-2, 3e-2):
+            out.append(Experiment("evidence", _cell("snr-static", lr, seed)))
     # 4. Training length: is 100 steps (one epoch) long enough to rank the methods?
     for steps in (200, 400):
         longer = replace(ENCODER, steps=steps)
@@ -204,6 +267,7 @@ STUDY_TITLES = {
     "pooler": "The untrained pooler: candidate, excluded, or dense outside the budget (ID3)",
     "seeds": "Seeds 1 and 2 at each selection's best seed-0 rate",
     "allocation": "id3-snr with each tensor's share of a random mask first (proportional)",
+    "evidence": "More evidence: the SNR of 8 calibration batches as a static mask",
     "length": "Training length (seed 0, the 100-step rates)",
     "masks": "Static masks at their tuned rates",
     "task2": "Uncertainty's validation split",
