@@ -129,6 +129,10 @@ def experiments() -> list[Experiment]:
     for seed in (1, 2):
         for method, lr in (("id3-snr", 1e-2), ("random", 3e-2), ("id3", 3e-3)):
             out.append(Experiment("seeds", _cell(method, lr, seed)))
+    # 3c. Score noise: the same statistic from 8 batches (a static mask) instead of one.
+    for seed in (0, 1, 2):
+        for lr in (1e-2, 3e-2):
+            out.append(Experiment("evidence", _cell("snr-static", lr, seed)))
     # 3b. Allocation: id3-snr with every tensor given a random mask's expected share.
     proportional = {"method_options": {"allocation": "proportional"}}
     for seed, lr in ((0, 1e-2), (0, 3e-2), (1, 1e-2), (1, 3e-2)):
@@ -136,10 +140,6 @@ def experiments() -> list[Experiment]:
             Experiment("allocation", _cell("id3-snr", lr, seed), options=proportional,
                        variant="proportional")
         )  # fmt: skip
-    # 3c. Score noise: the same statistic from 8 batches (a static mask) instead of one.
-    for seed in (0, 1, 2):
-        for lr in (1e-2, 3e-2):
-            out.append(Experiment("evidence", _cell("snr-static", lr, seed)))
     # 4. Training length: is 100 steps (one epoch) long enough to rank the methods?
     for steps in (200, 400):
         longer = replace(ENCODER, steps=steps)
