@@ -137,10 +137,13 @@ def test_proportional_allocation_follows_tensor_sizes_and_keeps_the_budget():
             assert opt.num_selected == 250 * (step + 1)
         held, total = opt.allocation(), sum(p.numel() for p in opt._params)
         # Weights away from each tensor's size share, as a fraction of the budget.
-        return sum(
-            abs(held.get(n, 0) - 1000 * p.numel() / total)
-            for n, p in zip(opt._names, opt._params, strict=True)
-        ) / 1000
+        return (
+            sum(
+                abs(held.get(n, 0) - 1000 * p.numel() / total)
+                for n, p in zip(opt._names, opt._params, strict=True)
+            )
+            / 1000
+        )
 
     assert spread("proportional") < 0.05 < 0.5 < spread("global")
 
@@ -166,3 +169,12 @@ def test_weights_whose_squares_underflow_get_no_key():
     keys = method.keys("weight", layer.weight, layer.weight.grad, torch.empty(6))
     assert layer.weight.grad[0, 0] != 0 and keys[0] == 0
     assert torch.isfinite(keys).all() and keys[1:].gt(0).all()
+
+
+def test_a_module_called_with_its_input_by_name_is_counted():
+    layer = nn.Linear(3, 2)
+    moments = TokenMoments(layer, list(layer.parameters()))
+    x = torch.randn(5, 3)
+    layer(input=x).sum().backward()
+    expected = torch.ones(5, 2).T @ x.square()  # dy = 1 for every token and output
+    torch.testing.assert_close(moments.moments(layer.weight), expected)

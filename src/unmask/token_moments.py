@@ -65,7 +65,9 @@ class TokenMoments:
             own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
             if own:
                 self.covered.update(id(p) for p in own)
-                self._handles.append(module.register_forward_hook(self._forward_hook(kind)))
+                self._handles.append(
+                    module.register_forward_hook(self._forward_hook(kind), with_kwargs=True)
+                )
 
     def moments(self, param: Tensor) -> Tensor | None:
         return self._sums.get(id(param))
@@ -86,12 +88,15 @@ class TokenMoments:
     # ------------------------------------------------------------------ hooks
 
     def _forward_hook(self, kind: str):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
             if not (self.active and torch.is_grad_enabled()):
                 return
             if not (isinstance(output, Tensor) and output.requires_grad):
                 return
-            x = inputs[0]
+            # The input is the first argument, given by position or by name (input=...).
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(x, Tensor):
+                return
             # The closure keeps this call's input: a module called twice gets two hooks.
             output.register_hook(lambda dy: self._backward(kind, module, x, dy))
 
