@@ -111,6 +111,14 @@ CLAIMS = (
     ("ID3 at 0.1% matches full fine-tuning", "id3", "0.1%", "full", None, "matches"),
     ("ID3 at LoRA's count matches LoRA", "id3", "lora", "lora", None, "matches"),
     ("ID3 at a quarter of LoRA's count matches LoRA", "id3", "lora/4", "lora", None, "matches"),
+    # Issue 14's targets for the new selection.
+    ("id3-snr beats random", "id3-snr", "*", "random", "*", "beats"),
+    ("id3-snr beats PaFi", "id3-snr", "*", "pafi", "*", "beats"),
+    ("id3-snr beats FISH", "id3-snr", "*", "fish", "*", "beats"),
+    ("id3-snr beats ID3", "id3-snr", "*", "id3", "*", "beats"),
+    ("id3-snr at LoRA's count matches LoRA", "id3-snr", "lora", "lora", None, "matches"),
+    ("id3-snr at a quarter of LoRA's count matches LoRA", "id3-snr", "lora/4", "lora", None,
+     "matches"),
 )  # fmt: skip
 
 
