@@ -111,7 +111,9 @@ def test_json_lines_in_a_json_file_and_numeric_label_order(tmp_path):
 
 
 def test_kind_given_or_inferred(tmp_path):
-    rows = [{"text": f"t{i}", "label": "x", "prompt": f"p{i}", "answer": "a"} for i in range(10)]
+    rows = [
+        {"text": f"t{i}", "label": "xy"[i % 2], "prompt": f"p{i}", "answer": "a"} for i in range(10)
+    ]
     path = str(write_jsonl(tmp_path / "both.jsonl", rows))
     assert load_task(path).kind == "classification"
     assert load_task(path, kind="generation").kind == "generation"

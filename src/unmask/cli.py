@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from .resources import ResourceError
     from .train import Interrupted
 
+    if args.command == "train":
+        args.given = _given_options(argv)
     try:
         return args.handler(args)
     except ResourceError as err:
@@ -60,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _parser() -> argparse.ArgumentParser:
+def _given_options(argv: list[str] | None) -> set[str]:
+    """Destinations of the `train` options given on the command line, whatever their values.
+
+    The arguments are parsed a second time with every default of `train` suppressed, so only
+    the options actually given appear in the result (a flag equal to its default included).
+    """
+    return set(vars(_parser(suppress_defaults=True).parse_args(argv)))
+
+
+def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     defaults = TrainConfig()
@@ -144,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from OUTPUT/checkpoint.pt (same options as the first run)",
     )
     train.set_defaults(handler=_train)
+    if suppress_defaults:
+        for action in train._actions:
+            action.default = argparse.SUPPRESS
 
     ev = sub.add_parser("eval", help="evaluate a base model plus a delta on a task")
     _model_task_args(ev, defaults)
@@ -207,11 +221,14 @@ def _train(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {}
     if args.config is not None:
         values.update(_read_config(args.config, names))
-    given = {k: v for k, v in vars(args).items() if k in names}
-    defaults = asdict(TrainConfig())  # the parser's defaults are TrainConfig's
-    # Flags override the config file only where they differ from their defaults.
-    values.update({k: v for k, v in given.items() if k not in values or v != defaults[k]})
-    values["progress"] = not args.no_progress
+    # Every flag given on the command line overrides the config file, whatever its value (even
+    # its default); options given nowhere keep TrainConfig's defaults, which are the parser's.
+    given = getattr(args, "given", None)
+    values.update(
+        {k: v for k, v in vars(args).items() if k in names and (given is None or k in given)}
+    )
+    if args.no_progress or "progress" not in values:
+        values["progress"] = not args.no_progress
     report = run(TrainConfig(**values))
     metric = "accuracy" if "accuracy" in report else "exact_match"
     print(
@@ -287,6 +304,12 @@ def _merge(args: argparse.Namespace) -> int:
     name = args.model or delta.metadata.get("base_model")
     if not name:
         raise ValueError("the delta does not record its base model; pass --model")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(
+            f"--output {output} exists and is not a folder; the merged model is written as a "
+            "folder: give a new path or an existing folder"
+        )
     path = resolve_model(name)
     labels = delta.metadata.get("label_names")
     num_labels = args.num_labels or (len(labels) if labels else None)
@@ -295,10 +318,37 @@ def _merge(args: argparse.Namespace) -> int:
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
     delta.apply_(model)
-    model.save_pretrained(args.output)
-    AutoTokenizer.from_pretrained(path).save_pretrained(args.output)
-    print(f"wrote merged model ({delta.num_weights:,} weights changed) to {args.output}")
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(path).save_pretrained(output)
+    _check_saved_model(output)
+    print(f"wrote merged model ({delta.num_weights:,} weights changed) to {output}")
     return EXIT_OK
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _check_saved_model(folder: Path) -> None:
+    """Raise OSError unless `folder` holds a config.json and a weights file.
+
+    transformers' save_pretrained logs some failures (such as a file in the way) and returns
+    as if it had saved, so what it wrote is checked on disk.
+    """
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append("the weights (model.safetensors)")
+    if missing:
+        raise OSError(
+            f"saving the merged model to {folder} failed: {' and '.join(missing)} not written; "
+            "check that the folder is writable and has free space, then run merge again"
+        )
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -377,7 +427,9 @@ def _plot(path: Path, by_layer: dict, by_type: dict, log: Path | None) -> None:
     axes[1].set_title("per module type")
     axes[1].tick_params(axis="x", rotation=45)
     if log is not None:
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        from .train import read_train_log
+
+        rows, _ = read_train_log(log)
         axes[2].plot([r["step"] for r in rows], [r["num_selected"] for r in rows], label="selected")
         axes[2].plot(
             [r["step"] for r in rows], [r["scheduled"] for r in rows], "--", label="schedule"

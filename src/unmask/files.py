@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,20 +14,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     """Call `write(tmp)` to fill a temporary file in `path`'s folder, then rename it to `path`.
 
     The temporary file is flushed to disk before the rename and removed if `write` fails, so an
-    interrupted or failed save leaves any previous `path` intact.
+    interrupted or failed save leaves any previous `path` intact. The file gets the permissions
+    `open()` would give a new file (0666 minus the process umask), not mkstemp's private 0600,
+    whatever permissions `write` leaves on it.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temporary(path)
     try:
+        # The mode a new file gets here, as open() would create it (umask, default ACLs).
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         write(tmp)
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:
+            os.chmod(tmp, mode)  # some writers (safetensors' save_file) replace it with a 0600 one
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_temporary(path: Path) -> Path:
+    """Create an empty, new file `.NAME.RANDOM.tmp` next to `path`, mode 0666 & ~umask.
+
+    O_EXCL makes the creation fail, instead of following a link or reusing a file, when the name
+    exists; another random name is then tried.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a new temporary file next to {path}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

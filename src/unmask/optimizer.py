@@ -21,6 +21,8 @@ never towards zero, and it never touches an unselected weight.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -130,6 +132,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         low_memory: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
+        # First, before anything is attached to the model: torch's optimizers accept lr=inf
+        # (and some NaNs), which would train to non-finite weights.
+        _check_finite_options(optimizer, optimizer_kwargs)
         self.model = model
         self.method = make_method(method, score_eps=score_eps, score_exp=score_exp, seed=seed)
         self.schedule = get_schedule(schedule)
@@ -1072,6 +1077,26 @@ def _make_inner(
         raise TypeError(f"{cls.__name__} got unexpected arguments {sorted(unknown)}")
     decoupled = cls is torch.optim.AdamW or bool(kwargs.get("decoupled_weight_decay", False))
     return SlotAdamW(params, decoupled=decoupled, **options)
+
+
+def _check_finite_options(cls: type, kwargs: dict[str, Any]) -> None:
+    """Refuse a NaN or infinite float (alone, in a tuple/list, or a 0-d tensor) in `kwargs`."""
+
+    def finite(value: Any) -> bool:
+        if isinstance(value, (tuple, list)):
+            return all(finite(v) for v in value)
+        if torch.is_tensor(value):
+            return value.ndim != 0 or not value.is_floating_point() or bool(value.isfinite())
+        if isinstance(value, numbers.Integral) or not isinstance(value, numbers.Real):
+            return True
+        return math.isfinite(value)  # float, numpy floats
+
+    for name, value in kwargs.items():
+        if not finite(value):
+            raise ValueError(
+                f"{getattr(cls, '__name__', cls)} option {name}={value!r} is not finite; "
+                f"pass a finite number for {name}"
+            )
 
 
 def _pad(value: Any, old_shape: torch.Size, capacity: int) -> Any:

@@ -13,6 +13,9 @@ Unused slots have zero gradient and zero moments, so their update is exactly zer
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -33,12 +36,15 @@ class SlotAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         decoupled: bool = True,
     ) -> None:
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(
-                f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}"
-            )
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if not _is_real(value) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)
+        ):
+            raise ValueError(f"betas must be two finite numbers in [0, 1), got {betas!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
         super().__init__(params, defaults)
 
@@ -75,3 +81,10 @@ class SlotAdamW(torch.optim.Optimizer):
         bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt_()
         denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
         p.sub_(exp_avg.div(bias_correction1).div_(denom).mul_(lr))
+
+
+def _is_real(value) -> bool:
+    """A real number (a 0-d tensor counts): something `math.isfinite` and `<` can judge."""
+    if torch.is_tensor(value):
+        return value.ndim == 0 and not value.is_complex()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -141,7 +141,8 @@ def load_task(
     are split 80 / 10 / 10, seeded and stratified by label. Labels are strings mapped to ints in
     sorted order of the values seen in train (numerically when all are numbers). Raises
     ValueError, saying what is wrong and how to fix it, for unknown names, missing or unreadable
-    files, missing columns, empty data, and labels absent from train.
+    files, missing columns, empty data, fewer than 2 labels in train, and labels absent from
+    train.
     """
     for arg, value in (("train_size", train_size), ("eval_size", eval_size)):
         if value is not None and (
@@ -481,6 +482,12 @@ def _from_rows(
                     f"never in train (train labels: {label_names}); add training examples "
                     "with it or remove those rows"
                 )
+    if len(label_names) < 2:
+        raise ValueError(
+            f"{source}: every training example has the label {label_names[0]!r} (column "
+            f"{second!r}); a classifier needs at least 2 distinct labels in the train split: "
+            "add examples of another label, or check label_column"
+        )
     make = [[{"text": t, "label": index[lab]} for t, lab in part] for part in splits]
     return Task(name, "classification", *make, label_names, "accuracy")
 

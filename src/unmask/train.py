@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     task = load_task_for(config)
     if not task.train:
         raise ValueError(f"task {config.task!r} has no training examples")
+    _check_labels(task)
     model, tokenizer = load_model(config.model, task)
     model.train()
     per_epoch = math.ceil(len(task.train) / config.batch_size)
@@ -309,6 +311,24 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"--epochs must be positive, got {config.epochs}")
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {config.batch_size}")
+    for flag, value in (("--lr", config.lr), ("--weight-decay", config.weight_decay)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
+
+
+def _check_labels(task: Task) -> None:
+    """A classifier needs examples of at least 2 labels to train on (1 would make a 1-output
+    regression head that scores every prediction as correct)."""
+    if task.kind != "classification":
+        return
+    seen = sorted({e["label"] for e in task.train})
+    if len(seen) < 2:
+        names = [task.label_names[i] if task.label_names else i for i in seen]
+        raise ValueError(
+            f"the training split of task {task.name!r} has examples of only {len(seen)} label "
+            f"{names}; a classifier needs at least 2 distinct labels: use more training "
+            "examples (--train-size) or data with several labels"
+        )
 
 
 class Interrupted(Exception):
@@ -342,13 +362,61 @@ def _resume(path: Path, model, opt: SelectiveOptimizer, log_path: Path) -> int:
     torch.set_rng_state(state["torch_rng"])
     done = int(state["step"])
     if log_path.is_file():
-        kept = [
-            line
-            for line in log_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] < done
-        ]
-        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+        records, torn = _read_log_lines(log_path)
+        if torn:
+            warnings.warn(
+                f"{log_path}: dropped its last line, cut short by the interrupted run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        # Also truncates the file to its last complete line: steps from `done` on are redone.
+        kept = [line + "\n" for line, row in records if row["step"] < done]
+        atomic_write_text(log_path, "".join(kept))
     return done
+
+
+def read_train_log(path: Path) -> tuple[list[dict], bool]:
+    """The records of a train_log.jsonl, and whether a torn last line was dropped.
+
+    A last line without its newline that is not valid JSON is a write cut short by a crash or
+    kill; it is dropped. Any other line that is not a JSON object with an integer "step"
+    raises ValueError naming the file and line.
+    """
+    records, torn = _read_log_lines(path)
+    return [row for _, row in records], torn
+
+
+def _read_log_lines(path: Path) -> tuple[list[tuple[str, dict]], bool]:
+    """(line, record) pairs of a train_log.jsonl and whether a torn last line was dropped."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    last = lines.pop()  # "" when the file ends with a newline
+    torn = False
+    if last.strip():
+        try:
+            json.loads(last)
+        except ValueError:
+            torn = True
+        else:
+            lines.append(last)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(
+                f"{path} line {number} is not valid JSON ({err}); the step log is damaged: "
+                "fix or delete that line, or delete the file to start a new log"
+            ) from None
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise ValueError(
+                f"{path} line {number} is not a step record (a JSON object with an integer "
+                '"step"); fix or delete that line, or delete the file to start a new log'
+            )
+        records.append((line, row))
+    return records, torn
 
 
 class _StopOnSignal:
