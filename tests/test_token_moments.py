@@ -91,9 +91,11 @@ def test_snr_key_ignores_the_scale_of_an_input_feature():
         xs[:, 2] *= scale
         method = ID3SNR()
         method.attach(layer)
+        method.bind(layer, list(layer.parameters()))
         ((layer(xs) - target) ** 2).sum().backward()
         out = torch.empty(18)
         keys.append(method.keys("weight", layer.weight, layer.weight.grad, out).clone())
+    assert keys[0].gt(0).all()
     torch.testing.assert_close(keys[0], keys[1], rtol=1e-4, atol=1e-6)
 
 
@@ -158,17 +160,76 @@ def test_proportional_allocation_is_refused_in_low_memory_mode():
         ID3SNR(allocation="rows")
 
 
-def test_weights_whose_squares_underflow_get_no_key():
-    # A gradient of ~1e-30 has per-token squares below float32's range: g / sqrt(0) must not
-    # rank first (it did, as the largest float, before).
+def test_tiny_gradients_keep_their_bound():
+    # Per-token squares of a gradient near 1e-14 underflow float32 if squared unscaled; the
+    # key then exceeded sqrt(tokens) and ranked first. Scaling first keeps it right.
+    torch.manual_seed(0)
+    tokens = 1001
     layer = nn.Linear(3, 2)
     method = ID3SNR()
     method.attach(layer)
-    x = torch.tensor([[1e-16, 1.0, 1.0]] * 4)
-    (layer(x) * torch.tensor([1e-15, 1.0])).sum().backward()
+    method.bind(layer, list(layer.parameters()))
+    x = torch.randn(tokens, 3)
+    (layer(x) * torch.full((tokens, 2), 1e-14) * torch.randn(tokens, 1)).sum().backward()
     keys = method.keys("weight", layer.weight, layer.weight.grad, torch.empty(6))
-    assert layer.weight.grad[0, 0] != 0 and keys[0] == 0
-    assert torch.isfinite(keys).all() and keys[1:].gt(0).all()
+    assert layer.weight.grad.abs().max() > 0
+    assert torch.isfinite(keys).all() and keys.gt(0).all()
+    assert keys.max() <= tokens**0.5 * (1 + 1e-4)
+
+
+def test_a_method_object_serves_one_optimizer_and_a_dropped_one_stops_collecting():
+    import gc
+
+    model = tiny_bert()
+    method = ID3SNR()
+    opt = SelectiveOptimizer(model, method=method, budget=50, total_steps=5)
+    with pytest.raises(ValueError, match="already used by an optimizer"):
+        SelectiveOptimizer(model, method=method, budget=50, total_steps=5)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    assert hooks > 0
+    del opt, method
+    gc.collect()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_only_candidates_are_hooked_and_multihead_attention_is_left_out():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(
+        model, method="id3-snr", budget=50, total_steps=5, exclude=["embeddings"]
+    )
+    model(**make_batches("bert", 1)[0]).loss.backward()
+    for name, p in model.named_parameters():
+        has = opt.method._moments.moments(p) is not None
+        assert has == (name in opt._names), name
+
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x)[0])
+
+    opt = SelectiveOptimizer(WithMHA(), method="id3-snr", budget=3, total_steps=1)
+    assert opt._names == ["head.weight", "head.bias"]
+
+
+def test_moments_under_activation_checkpointing_equal_plain_ones():
+    from torch.utils.checkpoint import checkpoint
+
+    results = []
+    for mode in (None, False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        moments = TokenMoments(model, list(model.parameters()))
+        x = torch.randn(3, 5, 4, requires_grad=True)
+        y = model(x) if mode is None else checkpoint(model, x, use_reentrant=mode)
+        y.square().sum().backward()
+        results.append([moments.moments(p).clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_a_module_called_with_its_input_by_name_is_counted():

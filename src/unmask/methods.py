@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import scores
-from .token_moments import TokenMoments
+from .token_moments import TokenMoments, covered_parameters
 
 Kind = Literal["increment", "repeat", "static", "all", "dense"]
 
@@ -82,6 +83,9 @@ class Method:
     def attach(self, model: nn.Module) -> None:
         """Called once, before the candidates are chosen, with the model being fine-tuned."""
 
+    def bind(self, model: nn.Module, candidates: list[Tensor]) -> None:
+        """Called once the candidates are chosen (in `model.named_parameters()` order)."""
+
     def clear(self) -> None:
         """Called after every step and zero_grad(): the next backward starts a new batch."""
 
@@ -131,10 +135,12 @@ class ID3SNR(Method):
     of different tensors, rows and columns are comparable; it is large only where the tokens
     agree on the direction. Unlike |g| (and D3) it does not grow with the scale of the input
     feature a weight reads, so activation-outlier columns and untrained modules gain nothing
-    from their scale. By Cauchy-Schwarz the key is at most sqrt(tokens).
+    from their scale.
 
     Candidates are the weights, biases and gains of nn.Linear, Conv1D, nn.Embedding and
-    LayerNorm / RMSNorm modules; other parameters are left frozen. Single process only.
+    LayerNorm / RMSNorm modules; other parameters are left frozen (so are the projections of
+    nn.MultiheadAttention, which uses their weights without calling their forward). The key is
+    at most sqrt(tokens) for a module called once per forward. Single process only.
     """
 
     name: ClassVar[str] = "id3-snr"
@@ -155,17 +161,32 @@ class ID3SNR(Method):
                 f"allocation must be 'global' or 'proportional', got {self.allocation!r}"
             )
         self._moments: TokenMoments | None = None
+        self._covered: set[int] | None = None
         self._params: dict[str, Tensor] = {}
+        self._warned: set[str] = set()
 
     def attach(self, model: nn.Module) -> None:
+        if self._covered is not None:
+            raise ValueError(
+                "this id3-snr method object is already used by an optimizer (it holds that "
+                "optimizer's hooks and statistics); pass method='id3-snr' or a new ID3SNR()"
+            )
+        if isinstance(model, nn.DataParallel):
+            raise ValueError(
+                "id3-snr cannot gather per-token statistics inside nn.DataParallel replicas; "
+                "build the optimizer on model.module and train without DataParallel"
+            )
         self._params = dict(model.named_parameters())
-        self._moments = TokenMoments(model, [p for p in self._params.values() if p.requires_grad])
+        self._covered = covered_parameters(model)
+
+    def bind(self, model: nn.Module, candidates: list[Tensor]) -> None:
+        self._moments = TokenMoments(model, candidates)
 
     def allocation_of(self) -> str:
         return self.allocation
 
     def is_candidate(self, name: str, param: Tensor) -> bool:
-        return self._moments is None or id(param) in self._moments.covered
+        return self._covered is None or id(param) in self._covered
 
     def no_candidate_hint(self) -> str:
         return (
@@ -183,7 +204,16 @@ class ID3SNR(Method):
         count = shard.numel()
         keys = out[:count]
         moments = None if self._moments is None else self._moments.moments(self._params[name])
-        if moments is None:  # no backward through a hooked module: no evidence, not eligible
+        if moments is None:  # no backward through its module: no evidence, never eligible
+            if name not in self._warned and bool(signal.detach().ne(0).any()):
+                self._warned.add(name)
+                warnings.warn(
+                    f"id3-snr: {name} has a gradient but no per-token statistics (its module's "
+                    "forward did not run: the weight is used elsewhere), so it is never "
+                    "selected; exclude it, or use method='id3'",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return keys.zero_()
         second = moments.reshape(-1)[start : start + count]
         torch.div(signal.detach().reshape(-1).abs(), second.sqrt(), out=keys)

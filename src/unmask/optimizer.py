@@ -165,6 +165,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         self.method.attach(model)
         cands = find_candidates(model, self.method, include, exclude, dense)
+        self.method.bind(model, [p for _, p in cands.sparse])
         self._names = [n for n, _ in cands.sparse]
         self._params = [p for _, p in cands.sparse]
         # Offsets over the full (unsharded) tensors: the global index space of the selection

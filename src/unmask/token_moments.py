@@ -14,10 +14,13 @@ The hook on a module's output runs when the output's gradient dy is complete and
 module's own backward, so the moments of a parameter are ready when its gradient is (also in
 the low-memory mode's post-accumulate-grad hooks). A module called several times in one forward
 (shared layers, tied embeddings) adds one term per call. Gradient checkpointing runs forward
-hooks again during backward and would count those calls twice: not supported.
+hooks again while it recomputes: the recomputed outputs get hooks of their own, and which
+ones fire depends on the checkpoint implementation (see the test with torch.utils.checkpoint).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -43,31 +46,50 @@ def _is_rms_norm(module: nn.Module) -> bool:
     )
 
 
+def covered_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters whose per-token moments `TokenMoments` can gather: those owned by
+    a supported module whose own forward runs (not the out_proj of nn.MultiheadAttention, whose
+    weight is used functionally)."""
+    conv1d = _conv1d_type()
+    inside_mha = {
+        id(sub) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+        for sub in m.modules()
+    }  # fmt: skip
+    return {
+        id(p)
+        for module in model.modules()
+        if id(module) not in inside_mha and _kind(module, conv1d) is not None
+        for p in module.parameters(recurse=False)
+    }
+
+
 class TokenMoments:
     """Σ_t g_t² for the parameters of `params` that sit in a supported module (see above).
 
     `moments(param)` is a float32 tensor of the parameter's shape (None if it saw no backward
     since the last `clear()`). Collection runs only while `active` is True and gradients are
-    enabled; `remove()` takes the hooks off the model.
+    enabled; `remove()` takes the hooks off the model, and so does dropping this object (the
+    hooks hold it weakly, so a dropped optimizer leaves nothing running on the model).
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
-        wanted = {id(p) for p in params}
+        wanted = {id(p) for p in params} & covered_parameters(model)
         self.active = True
         self._sums: dict[int, Tensor] = {}
-        self._handles = []
+        self._handles: list = []
         self.covered: set[int] = set()
         conv1d = _conv1d_type()
+        this = weakref.ref(self)
         for module in model.modules():
             kind = _kind(module, conv1d)
-            if kind is None:
-                continue
             own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
-            if own:
-                self.covered.update(id(p) for p in own)
-                self._handles.append(
-                    module.register_forward_hook(self._forward_hook(kind), with_kwargs=True)
-                )
+            if kind is None or not own:
+                continue
+            self.covered.update(id(p) for p in own)
+            self._handles.append(
+                module.register_forward_hook(_forward_hook(this, kind), with_kwargs=True)
+            )
+        weakref.finalize(self, _remove_all, self._handles)
 
     def moments(self, param: Tensor) -> Tensor | None:
         return self._sums.get(id(param))
@@ -87,49 +109,81 @@ class TokenMoments:
 
     # ------------------------------------------------------------------ hooks
 
-    def _forward_hook(self, kind: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            if not (self.active and torch.is_grad_enabled()):
-                return
-            if not (isinstance(output, Tensor) and output.requires_grad):
-                return
-            # The input is the first argument, given by position or by name (input=...).
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            if not isinstance(x, Tensor):
-                return
-            # The closure keeps this call's input: a module called twice gets two hooks.
-            output.register_hook(lambda dy: self._backward(kind, module, x, dy))
-
-        return hook
-
     @torch.no_grad()
     def _backward(self, kind: str, module: nn.Module, x: Tensor, dy: Tensor) -> None:
         if not self.active:
             return
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        dy2 = dy.detach().float().square().reshape(-1, dy.shape[-1])
+        dy, dy_scale = _scaled(dy)
+        dy2 = dy.square().reshape(-1, dy.shape[-1])
         if kind == "embedding":
             if _tracked(self, weight):
                 rows = torch.zeros(weight.shape, dtype=torch.float32, device=dy.device)
                 rows.index_add_(0, x.reshape(-1), dy2)
-                self._add(weight, rows)
+                self._add(weight, rows, dy_scale)
             return
         if kind == "norm":
-            x2 = _normalized(module, x).float().square().reshape(-1, dy.shape[-1])
+            xs, x_scale = _scaled(_normalized(module, x))
             if _tracked(self, weight):
-                self._add(weight, (dy2 * x2).sum(0))
+                x2 = xs.square().reshape(-1, dy.shape[-1])
+                self._add(weight, (dy2 * x2).sum(0), dy_scale * x_scale)
         elif _tracked(self, weight):
-            x2 = x.detach().float().square().reshape(-1, x.shape[-1])
-            self._add(weight, dy2.T @ x2 if kind == "linear" else x2.T @ dy2)
+            xs, x_scale = _scaled(x)
+            x2 = xs.square().reshape(-1, x.shape[-1])
+            product = dy2.T @ x2 if kind == "linear" else x2.T @ dy2
+            self._add(weight, product, dy_scale * x_scale)
         if _tracked(self, bias):
-            self._add(bias, dy2.sum(0))
+            self._add(bias, dy2.sum(0), dy_scale)
 
-    def _add(self, param: Tensor, value: Tensor) -> None:
+    def _add(self, param: Tensor, value: Tensor, scale: Tensor) -> None:
+        value = value.div_(scale.square())  # undo _scaled: the true Σ_t g_t²
         key = id(param)
         if key in self._sums:
             self._sums[key].add_(value.view(param.shape))
         else:
             self._sums[key] = value.view(param.shape)
+
+
+def _forward_hook(ref: weakref.ref, kind: str):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        moments = ref()
+        if moments is None or not (moments.active and torch.is_grad_enabled()):
+            return
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            return
+        # The input is the first argument, given by position or by name (input=...).
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(x, Tensor):
+            return
+
+        def backward(dy: Tensor) -> None:
+            alive = ref()
+            if alive is not None:
+                alive._backward(kind, module, x, dy)
+
+        # The closure keeps this call's input: a module called twice gets two hooks.
+        output.register_hook(backward)
+
+    return hook
+
+
+def _remove_all(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _scaled(t: Tensor) -> tuple[Tensor, Tensor]:
+    """`t` in float32 times a power of two that brings its largest magnitude to [0.5, 1), and
+    that factor (a 0-d tensor, >= 1: only small values are scaled up). Squares of values below
+    ~1e-23 underflow float32; scaling first keeps Σ_t g_t² right for tiny gradients (the key
+    would otherwise exceed its bound and rank first). No host synchronisation."""
+    t = t.detach().float()
+    if not t.numel():
+        return t, torch.ones((), device=t.device)
+    _, exponent = torch.frexp(t.abs().amax())
+    scale = torch.ldexp(torch.ones((), device=t.device), (-exponent).clamp(min=0))
+    return t * scale, scale
 
 
 def _tracked(moments: TokenMoments, param) -> bool:
@@ -152,8 +206,13 @@ def _kind(module: nn.Module, conv1d: type | None) -> str | None:
 
 def _normalized(module: nn.Module, x: Tensor) -> Tensor:
     """x̂, the normalised input that a norm layer's gain multiplies."""
+    dtype = x.dtype
     x = x.detach().float()
     if isinstance(module, nn.LayerNorm):
         return nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
-    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-6
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = getattr(module, "variance_epsilon", None)
+    if eps is None:  # torch's nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
+        eps = torch.finfo(dtype).eps
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
