@@ -568,8 +568,8 @@ def tuned_lrs(records: list[dict[str, Any]]) -> dict[tuple[str, str, str | None]
     the smaller rate)."""
     best: dict[tuple[str, str, str | None], tuple[float, float]] = {}
     for r in records:
-        if r["phase"] != "tune":
-            continue
+        if r["phase"] != "tune" or r["split"] != "validation":
+            continue  # a rate is never chosen on a test split
         key = (r["setting"], r["method"], r["budget"])
         score = (r["value"], -r["lr"])
         if key not in best or score > (best[key][0], -best[key][1]):

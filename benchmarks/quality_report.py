@@ -20,8 +20,11 @@ from benchmarks.quality import (
     ENCODER_METHODS,
     FIXED_SIZE,
     Cell,
+    Grid,
+    _tuning_complete,
     load_records,
     rate_for,
+    tune_budget,
     tuned_lrs,
 )
 
@@ -378,7 +381,7 @@ def write_report(out: Path, declared: list[Cell] | None = None) -> Path:
     from unmask.files import atomic_write_text
 
     everything = load_records(out)
-    records = current(everything)
+    records = current(everything, declared)
     if not records:
         raise SystemExit(f"no records in {out / 'records'}: run the grid first")
     lines = _header(records, declared or [], {r["id"] for r in everything})
@@ -400,16 +403,30 @@ def write_report(out: Path, declared: list[Cell] | None = None) -> Path:
     return path
 
 
-def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Leave out runs trained with a rate their method's tuning no longer chooses (made before
-    the tuning was extended; the harness runs them again)."""
+def current(
+    records: list[dict[str, Any]], declared: list[Cell] | None = None
+) -> list[dict[str, Any]]:
+    """Leave out runs that the grid would run again: a declared run whose tuning (at the budget
+    `quality.tune_budget` names) is not complete, or that was trained with a rate its tuning no
+    longer chooses. Runs the grid does not declare are kept if their rate is their method's
+    tuned one (or no tuning is known)."""
     chosen = tuned_lrs(records)
-    return [
-        r
-        for r in records
-        if r["phase"] == "tune"
-        or r["lr"] == (rate_for(chosen, r["setting"], r["method"], r["budget"]) or r["lr"])
-    ]
+    grid = Grid({}, declared or [])
+    by_id = {c.id: c for c in grid.cells}
+    kept = []
+    for r in records:
+        cell = by_id.get(r["id"])
+        if r["phase"] == "tune":
+            kept.append(r)
+        elif cell is not None and cell.lr is None:
+            at = tune_budget(grid, cell)
+            if _tuning_complete(grid, records, r["setting"], r["method"], at) and r[
+                "lr"
+            ] == chosen.get((r["setting"], r["method"], at)):
+                kept.append(r)
+        elif r["lr"] == (rate_for(chosen, r["setting"], r["method"], r["budget"]) or r["lr"]):
+            kept.append(r)
+    return kept
 
 
 def _header(records: list[dict[str, Any]], declared: list[Cell], done: set[str]) -> list[str]:

@@ -230,3 +230,26 @@ def test_every_declared_run_has_declared_tuning():
     for cell in grid.cells:
         if cell.lr is None:
             assert (cell.setting, cell.method, quality.tune_budget(grid, cell)) in tunes, cell.id
+
+
+def test_report_keeps_only_runs_whose_own_budget_tuning_chose_their_rate():
+    from benchmarks.quality_report import current
+
+    tune = [quality.Cell("tune", "s", "t", "id3", b, 0, "validation", lr)
+            for b in ("1%", "2%") for lr in (1e-3, 3e-3, 1e-2)]  # fmt: skip
+    main = [quality.Cell("main", "s", "t", "id3", b, 0, "test") for b in ("1%", "2%")]
+
+    def record(cell, lr, value=0.5):
+        return {"id": cell.id if cell.lr is None else cell.id, "phase": cell.phase,
+                "setting": "s", "method": "id3", "budget": cell.budget, "lr": lr,
+                "split": cell.split, "value": value}  # fmt: skip
+
+    # Tuning at 1% is complete (best 3e-3 in the middle); at 2% only one rate has run.
+    records = [record(c, c.lr, 0.8 if c.lr == 3e-3 else 0.6) for c in tune if c.budget == "1%"]
+    records.append(record(tune[3], tune[3].lr))
+    records += [record(main[0], 3e-3), record(main[1], 3e-3)]
+    kept = {r["id"] for r in current(records, tune + main)}
+    assert main[0].id in kept  # its own budget's tuning chose its rate
+    assert main[1].id not in kept  # 2%'s tuning is not complete: not the 1% rate either
+    records[-2]["lr"] = 1e-2
+    assert main[0].id not in {r["id"] for r in current(records, tune + main)}
