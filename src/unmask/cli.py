@@ -272,7 +272,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     task = load_task_for(args)
     delta = SparseDelta.from_pretrained(args.delta)
-    trained = delta.metadata.get("label_names")
+    trained = delta.labels()
     if task.label_names and trained and task.label_names != trained:
         raise ValueError(
             f"this task's label values {task.label_names} differ from the labels it was trained "
@@ -311,7 +311,7 @@ def _merge(args: argparse.Namespace) -> int:
             "folder: give a new path or an existing folder"
         )
     path = resolve_model(name)
-    labels = delta.metadata.get("label_names")
+    labels = None if args.num_labels else delta.labels()  # checked before a model is built
     num_labels = args.num_labels or (len(labels) if labels else None)
     if num_labels:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)

@@ -15,7 +15,9 @@ pickle: safetensors and JSON only, validated before anything touches a model.
 apply_ writes ``w[i] = (w[i].to(values.dtype) + values).to(w.dtype)`` — the expression training
 used — so it reproduces the trained weights bit for bit. remove_ subtracts the values again,
 which restores the base within one rounding step of the values' dtype (exactly whenever the
-subtraction is exact, which fp32 arithmetic does not promise).
+subtraction is exact, which fp32 arithmetic does not promise), and refuses a model that does not
+hold base + delta. Both compute and check every value first (finite in the parameter's dtype)
+and write only then.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ PREVIOUS_TENSORS_FILE = ".delta.safetensors.previous"
 FORMAT = "unmask.SparseDelta"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 16 * 2**20
+MAX_LABELS = 100_000  # label_names longer than this are refused before a head is built
+MAX_LABEL_CHARS = 1_000
+_NEIGHBOURS = 3  # remove_ looks this many floats either side of (current - delta) for the base
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,6 +88,12 @@ class SparseDelta:
                 raise DeltaError(
                     f"replaced tensor {name} has shape {tuple(values.shape)}, "
                     f"expected {self.shapes.get(name)}"
+                )
+            if _dtype_name(values.dtype) != self.dtypes.get(name):
+                raise DeltaError(
+                    f"replaced tensor {name} is {_dtype_name(values.dtype)}, but the delta "
+                    f"records its parameter as {self.dtypes.get(name)}: the file is corrupt or "
+                    "was edited; re-create the delta"
                 )
         missing = set(self.sparse) - set(self.base_hashes)
         if missing:
@@ -180,9 +191,10 @@ class SparseDelta:
     def apply_(self, model: nn.Module) -> nn.Module:
         """Add the delta to `model` in place and return it.
 
-        Checks first that every tensor exists with the recorded shape and dtype and that each
-        changed tensor is bit-identical to the base the delta was trained from; on any mismatch
-        raises DeltaError and leaves the model untouched.
+        Checks first that every tensor exists with the recorded shape and dtype, that each
+        changed tensor is bit-identical to the base the delta was trained from, and that every
+        value to be written is finite in the parameter's dtype; on any failure raises DeltaError
+        and leaves the model untouched.
         """
         params = self._check_model(model)
         for name, tensor in params.items():
@@ -192,23 +204,59 @@ class SparseDelta:
                     f"trained on (base model: {self.metadata.get('base_model')!r}); apply it to "
                     "that model, or to the model before any other delta was applied"
                 )
-        self._write(params, sign=1)
+        _commit(self._plan(params, sign=1))
         return model
 
     @torch.no_grad()
     def remove_(self, model: nn.Module) -> nn.Module:
         """Subtract the delta from `model` in place (undo `apply_`) and return it.
 
-        The result equals the base within one rounding step of the values' dtype. Deltas that
-        replace whole tensors cannot be removed (the base values are not stored).
+        Refuses (DeltaError, model untouched) a model that does not hold base + delta at the
+        delta's indices: the base model itself, or values that no base value rounds to when the
+        delta is added. Where the base value is the only one that does, the result is the exact
+        base (checked against its fingerprint); otherwise it is within one rounding step of the
+        values' dtype. Deltas that replace whole tensors cannot be removed (the base values are
+        not stored).
         """
         if self.replace:
             raise DeltaError(
                 f"this delta replaces whole tensors ({sorted(self.replace)[:3]}), whose base "
                 "values it does not store; reload the base model instead of removing it"
             )
-        self._write(self._check_model(model), sign=-1)
+        _commit(self._plan(self._check_model(model), sign=-1))
         return model
+
+    def labels(self) -> list[str] | None:
+        """The checked `label_names` of the metadata (None if it records none).
+
+        Raises DeltaError unless they are distinct strings, at most MAX_LABELS of them, and as
+        many as the first dimension of a tensor of the delta (the classification head's rows).
+        """
+        labels = self.metadata.get("label_names")
+        if labels is None:
+            return None
+        if not isinstance(labels, list) or not 2 <= len(labels) <= MAX_LABELS:
+            count = len(labels) if isinstance(labels, list) else type(labels).__name__
+            raise DeltaError(
+                f"the delta's label_names must be a list of 2 to {MAX_LABELS:,} labels, got "
+                f"{count}; the config is corrupt or was edited: pass --num-labels or re-create "
+                "the delta"
+            )
+        if not all(isinstance(x, str) and len(x) <= MAX_LABEL_CHARS for x in labels):
+            raise DeltaError(
+                f"the delta's label_names must be strings of at most {MAX_LABEL_CHARS} "
+                "characters; the config is corrupt or was edited"
+            )
+        if len(set(labels)) != len(labels):
+            raise DeltaError("the delta's label_names repeat a label; the config is corrupt")
+        rows = {shape[0] for shape in self.shapes.values() if shape}
+        if len(labels) not in rows:
+            raise DeltaError(
+                f"the delta's label_names has {len(labels):,} labels, but no tensor of the "
+                "delta has that many rows (a classification head has one per label); the "
+                "config is corrupt or was edited: pass --num-labels or re-create the delta"
+            )
+        return labels
 
     def _check_model(self, model: nn.Module) -> dict[str, Tensor]:
         available = dict(model.named_parameters())
@@ -235,20 +283,79 @@ class SparseDelta:
                     f"parameter {name} is {_dtype_name(p.dtype)}, the delta was trained in "
                     f"{self.dtypes[name]}; load the model with dtype={self.dtypes[name]}"
                 )
+            if any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape, strict=True)):
+                raise DeltaError(
+                    f"parameter {name} is an expanded view (stride 0): several of its elements "
+                    "share memory, so they cannot be changed one by one; make it a real tensor "
+                    "(e.g. .clone()) first"
+                )
             params[name] = p
         return params
 
-    def _write(self, params: dict[str, Tensor], sign: int) -> None:
+    def _plan(
+        self, params: dict[str, Tensor], sign: int
+    ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """Every write (parameter, flat indices or None for all, new values), all checked."""
+        writes: list[tuple[Tensor, Tensor | None, Tensor]] = []
         for name, (indices, values) in self.sparse.items():
-            p = params[name]
-            flat = p.detach().view(-1)
+            p = params[name].detach()
             index = indices.to(device=p.device, dtype=torch.long)
-            current = flat.index_select(0, index).to(values.dtype)
+            current = p.reshape(-1).index_select(0, index)
             change = values.to(p.device)
-            updated = current + change if sign > 0 else current - change
-            flat.index_copy_(0, index, updated.to(p.dtype))
+            if sign > 0:
+                updated = (current.to(change.dtype) + change).to(p.dtype)
+            else:
+                updated = self._restored(name, p, index, current, change)
+            _check_finite(name, p, updated)
+            writes.append((p, index, updated))
         for name, values in self.replace.items():
-            params[name].detach().copy_(values)
+            p = params[name].detach()
+            updated = values.to(device=p.device, dtype=p.dtype)
+            _check_finite(name, p, updated)
+            writes.append((p, None, updated))
+        return writes
+
+    def _restored(
+        self, name: str, p: Tensor, index: Tensor, current: Tensor, change: Tensor
+    ) -> Tensor:
+        """The base values at `index`, from base + delta there; DeltaError if it is not that."""
+
+        def added(base: Tensor) -> Tensor:  # what apply_ writes for a base value
+            return (base.to(change.dtype) + change).to(p.dtype)
+
+        def is_base(values: Tensor) -> bool:
+            tensor = p.reshape(-1).clone()
+            tensor[index] = values
+            return tensor_hash(tensor.view(p.shape)) == self.base_hashes[name]
+
+        subtracted = (current.to(change.dtype) - change).to(p.dtype)
+        if is_base(subtracted):
+            return subtracted
+        subtracted = subtracted + 0.0  # -0.0 becomes +0.0, the sign a zero weight usually has
+        if is_base(subtracted):
+            return subtracted
+        not_applied = DeltaError(
+            f"tensor {name} of this model does not hold base + delta at the delta's indices, so "
+            "the delta was not applied to it (or it was changed since); remove_ undoes apply_ "
+            "on the model it was applied to: reload the base model instead"
+        )
+        if tensor_hash(p) == self.base_hashes[name] and bool((added(current) != current).any()):
+            raise not_applied  # the model still has the base values there
+        # The base values b with added(b) == current form an interval around `subtracted`.
+        inf = torch.full_like(subtracted, math.inf)
+        candidates, up, down = [subtracted], subtracted, subtracted
+        for _ in range(_NEIGHBOURS):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            candidates += [up, down]
+        candidates = torch.stack(candidates)
+        fits = added(candidates) == current
+        count = fits.sum(0) + (fits & (candidates == 0)).sum(0)  # a zero fits with either sign
+        if bool((count == 0).any()):
+            raise not_applied  # no base value rounds to the current one
+        chosen = candidates.gather(0, fits.int().argmax(0, keepdim=True)).squeeze(0)
+        if bool((count == 1).all()) and not is_base(chosen):
+            raise not_applied  # the only possible base differs from the recorded one
+        return chosen
 
     # ------------------------------------------------------------------ files
 
@@ -383,6 +490,27 @@ def tensor_hash(tensor: Tensor) -> str:
     h = hashlib.sha256(f"{_dtype_name(tensor.dtype)}{tuple(tensor.shape)}".encode())
     h.update(data.view(torch.uint8).numpy().data)
     return h.hexdigest()[:32]
+
+
+def _check_finite(name: str, p: Tensor, updated: Tensor) -> None:
+    bad = int((~torch.isfinite(updated)).sum())
+    if bad:
+        raise DeltaError(
+            f"the delta would write {bad:,} NaN or infinite value(s) into {name} "
+            f"({_dtype_name(p.dtype)}): its values overflow that dtype; nothing was changed. The "
+            "delta is corrupt or was made for a model in another dtype"
+        )
+
+
+def _commit(writes: list[tuple[Tensor, Tensor | None, Tensor]]) -> None:
+    """Write checked values; works for any strides (channels_last and other non-contiguous)."""
+    for p, index, values in writes:
+        if index is None:
+            p.copy_(values)
+        elif p.is_contiguous():
+            p.view(-1).index_copy_(0, index, values)
+        else:
+            p.index_put_(torch.unravel_index(index, p.shape), values)
 
 
 def _check_sparse_entry(name: str, indices: Tensor, values: Tensor, shape: Any) -> None:

@@ -756,7 +756,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         values = self._base + self._delta
         for i, slots, local in layout:
             p = _local(self._params[i]).detach()
-            p.view(-1).index_copy_(0, local, values.index_select(0, slots).to(p.dtype))
+            new = values.index_select(0, slots).to(p.dtype)
+            if p.is_contiguous():
+                p.view(-1).index_copy_(0, local, new)
+            else:  # channels_last and other strides: `local` indexes the logical order
+                p.index_put_(torch.unravel_index(local, p.shape), new)
 
     # ------------------------------------------------------------------ calibration (FISH)
 
@@ -960,28 +964,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()` and write the selected weights' trained values into the model.
 
-        Dense parameters are not written: load them with the model checkpoint.
+        Dense parameters are not written: load them with the model checkpoint. Everything is
+        checked first (configuration, slot tensors' types, shapes and index ranges against this
+        model, finite values in the parameters' dtypes, the wrapped optimizers' state shapes); a
+        state_dict that fails raises ValueError and leaves the model and the optimizer unchanged.
         """
+        self._check_state_dict(state_dict)
         self._clear_pending()
-        meta = state_dict.get("unmask") if isinstance(state_dict, dict) else None
-        if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
-            raise ValueError(
-                "not a SelectiveOptimizer state_dict (missing 'unmask' section or unknown version)"
-            )
-        mine = {
-            "method": self.method.config(),
-            "budget": self.budget,
-            "total_steps": self.total_steps,
-            "schedule": self.schedule.name,
-            "candidates": self._names,
-            "dense": self._dense_names,
-        }
-        for key, value in mine.items():
-            if meta[key] != value:
-                raise ValueError(
-                    f"checkpoint was made with {key}={_short(meta[key])}, this optimizer has "
-                    f"{key}={_short(value)}; build the optimizer with the same settings to resume"
-                )
+        meta = state_dict["unmask"]
         self._load_sharding(state_dict.get("sharded"))
         if meta["capacity"] != self._capacity:
             self._resize(meta["capacity"])
@@ -1009,6 +999,122 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._write_back(self._touched)
         self._freeze_if_final()
 
+    def _check_state_dict(self, state_dict: Any) -> None:
+        """ValueError unless `state_dict` can be loaded whole into this optimizer and model."""
+        meta = state_dict.get("unmask") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
+            raise ValueError(
+                "not a SelectiveOptimizer state_dict (missing 'unmask' section or unknown version)"
+            )
+        counters = ("capacity", "num_slots", "steps_done", "num_updates")
+        missing = [
+            k
+            for k in ("method", "budget", "total_steps", "schedule", "candidates", "dense")
+            + counters
+            + ("calibrated",)
+            if k not in meta
+        ]
+        missing += [k for k in ("index", "base", "delta") if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {missing}: it is damaged or not from SelectiveOptimizer."
+                "state_dict(); resume from another checkpoint or start again"
+            )
+        mine = {
+            "method": self.method.config(),
+            "budget": self.budget,
+            "total_steps": self.total_steps,
+            "schedule": self.schedule.name,
+            "candidates": self._names,
+            "dense": self._dense_names,
+        }
+        for key, value in mine.items():
+            if meta[key] != value:
+                raise ValueError(
+                    f"checkpoint was made with {key}={_short(meta[key])}, this optimizer has "
+                    f"{key}={_short(value)}; build the optimizer with the same settings to resume"
+                )
+
+        def refuse(what: str) -> ValueError:
+            return ValueError(
+                f"checkpoint does not fit this optimizer and model: {what}; it was saved for "
+                "another model (same parameter names, other shapes?) or is damaged; resume "
+                "with the model it was saved from, or start again"
+            )
+
+        bad = [k for k in counters if not _is_count(meta[k])]
+        if bad or not isinstance(meta["calibrated"], bool):
+            raise refuse(f"counters {bad or ['calibrated']} are not non-negative integers/bools")
+        n, capacity = meta["num_slots"], meta["capacity"]
+        if n > capacity or capacity < self._capacity:
+            raise refuse(
+                f"{n:,} slots in a capacity of {capacity:,} (this optimizer has {self._capacity:,};"
+                " load into a freshly built optimizer)"
+            )
+        index, base, delta = state_dict["index"], state_dict["base"], state_dict["delta"]
+        for key, t, ok in (
+            ("index", index, lambda t: not t.dtype.is_floating_point and t.dtype != torch.bool),
+            ("base", base, lambda t: t.dtype.is_floating_point),
+            ("delta", delta, lambda t: t.dtype.is_floating_point),
+        ):
+            if not (torch.is_tensor(t) and t.shape == (n,) and ok(t) and not t.is_complex()):
+                raise refuse(f"'{key}' is not a 1-D tensor of {n:,} slots of the right type")
+        if self._active is not None:
+            active = state_dict.get("active")
+            if not (
+                torch.is_tensor(active) and active.shape == (n,) and active.dtype == torch.bool
+            ):
+                raise refuse(f"'active' is not a 1-D bool tensor of {n:,} slots")
+        # Where each slot's weight lies: in which tensor, at which place of this process's part
+        # (the same computation as `_group`, which the write uses).
+        index = index.to(self._offsets.device, torch.long)
+        tensor_of = torch.searchsorted(self._offsets, index, right=True) - 1
+        if n:
+            if int(index.min()) < 0 or int(tensor_of.max()) >= len(self._params):
+                raise refuse("slot indices lie outside the candidate tensors")
+            origins = torch.tensor(self._origins, dtype=torch.long, device=index.device)
+            sizes = torch.tensor(
+                [_local(p).numel() for p in self._params], dtype=torch.long, device=index.device
+            )
+            local = index - origins[tensor_of]
+            outside = (local < 0) | (local >= sizes[tensor_of])
+            if bool(outside.any()):
+                i = int(tensor_of[outside.nonzero()[0, 0]])
+                raise refuse(
+                    f"{int(outside.sum()):,} slot indices lie outside their tensors (the first "
+                    f"in {self._names[i]}, of shape {tuple(self._params[i].shape)} here)"
+                )
+        values = base.to(self._master) + delta.to(self._master)
+        for i in torch.unique(tensor_of).tolist():
+            cast = values[tensor_of == i].to(self._params[i].dtype)
+            if not bool(torch.isfinite(cast).all()):
+                raise refuse(
+                    f"the values for {self._names[i]} are NaN or overflow its dtype "
+                    f"{self._params[i].dtype}"
+                )
+        _check_inner_state(
+            "sparse", self._sparse, state_dict.get("sparse_optimizer"), [(capacity,)], refuse
+        )
+        _check_inner_state(
+            "dense",
+            self._dense,
+            state_dict.get("dense_optimizer"),
+            [tuple(p.shape) for p in self._dense_params],
+            refuse,
+        )
+        saved = state_dict.get("sharded")
+        if saved is not None and not (
+            isinstance(saved, dict)
+            and {"rank", "world"} <= set(saved)
+            and torch.is_tensor(saved.get("chosen"))
+        ):
+            raise refuse("its sharding record is malformed")
+        shards = self._shards
+        mine = None if shards is None else {"rank": shards.rank, "world": shards.world}
+        theirs = None if saved is None else {"rank": saved["rank"], "world": saved["world"]}
+        if mine != theirs:
+            self._load_sharding(saved)  # raises, naming both
+
     def _load_sharding(self, saved: dict[str, Any] | None) -> None:
         """Check that a checkpoint's sharding matches this optimizer's; restore the selection."""
         shards = self._shards
@@ -1022,6 +1128,44 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         if shards is not None:
             shards.chosen = saved["chosen"].to(shards.device)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_inner_state(
+    role: str,
+    inner: torch.optim.Optimizer | None,
+    saved: Any,
+    shapes: list[tuple[int, ...]],
+    refuse: Callable[[str], ValueError],
+) -> None:
+    """The saved state of a wrapped optimizer has its groups and, per parameter, its shapes."""
+    if inner is None:
+        if saved is not None:
+            raise refuse(f"it holds a {role} optimizer state that this optimizer does not have")
+        return
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and isinstance(saved.get("param_groups"), list)
+        and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved["param_groups"]
+        )
+    ):
+        raise refuse(f"the {role} optimizer state is missing or malformed")
+    groups = saved["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in inner.param_groups]:
+        raise refuse(f"the {role} optimizer has other parameter groups")
+    ids = [i for g in groups for i in g["params"]]
+    for key, shape in zip(ids, shapes, strict=True):
+        for name, value in saved["state"].get(key, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shape:
+                raise refuse(
+                    f"{role} optimizer state {name!r} has shape {tuple(value.shape)}, the "
+                    f"parameter here has {shape}"
+                )
 
 
 def _refuse_under_fsdp(method: Method, freeze_unselected: bool | None, low_memory: bool) -> None:
