@@ -239,3 +239,17 @@ def test_a_module_called_with_its_input_by_name_is_counted():
     layer(input=x).sum().backward()
     expected = torch.ones(5, 2).T @ x.square()  # dy = 1 for every token and output
     torch.testing.assert_close(moments.moments(layer.weight), expected)
+
+
+def test_resuming_a_finished_mask_stops_collecting():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(model, method="id3-snr", budget=40, total_steps=2, lr=1e-2)
+    for batch in make_batches("bert", 2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state_dict()
+    fresh = tiny_bert()
+    resumed = SelectiveOptimizer(fresh, method="id3-snr", budget=40, total_steps=2, lr=1e-2)
+    resumed.load_state_dict(state)
+    assert sum(len(m._forward_hooks) for m in fresh.modules()) == 0

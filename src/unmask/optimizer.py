@@ -997,6 +997,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._rebuild_layout()
         with torch.no_grad():
             self._write_back(self._touched)
+        if self.method.kind == "increment" and self._num_chosen >= self.budget:
+            self.method.detach()  # resumed with a final mask: no statistics to gather
         self._freeze_if_final()
 
     def _check_state_dict(self, state_dict: Any) -> None:
