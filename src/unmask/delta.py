@@ -22,26 +22,30 @@ and write only then.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import Tensor, nn
 
-from .files import atomic_write, atomic_write_text, file_sha256
+from .files import atomic_write, atomic_write_text, file_sha256, remove_stale_temporaries
 from .sharding import full
 
 TENSORS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
 PREVIOUS_TENSORS_FILE = ".delta.safetensors.previous"
+_SAVED_FILES = (TENSORS_FILE, CONFIG_FILE, PREVIOUS_TENSORS_FILE)
+_LOAD_ATTEMPTS = 20  # reads of a folder that a concurrent save keeps changing, before giving up
 FORMAT = "unmask.SparseDelta"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -363,9 +367,15 @@ class SparseDelta:
         """Write delta.safetensors and delta_config.json into `directory` (created if missing).
 
         Each file is written to a temporary file and renamed into place; the config, renamed
-        last, records the tensors file's sha256. Until it lands, a copy of the previous tensors
-        file is kept, so a save interrupted at any point leaves the previous delta loadable.
+        last, records the tensors file's sha256. Until it lands, a copy of the tensors file that
+        matches the current config is kept as .delta.safetensors.previous, so any sequence of
+        saves killed at any point leaves a folder that loads: the last complete save, or the
+        one in progress once its config landed. Saves into one folder take turns (a lock on the
+        folder); each first deletes the temporary files of earlier saves that were killed. A
+        full disk raises OSError with the previous delta intact.
         """
+        from safetensors import SafetensorError
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
@@ -384,25 +394,34 @@ class SparseDelta:
             digest["sha256"] = file_sha256(tmp)
 
         tensors_path, previous = directory / TENSORS_FILE, directory / PREVIOUS_TENSORS_FILE
-        if tensors_path.is_file() and (directory / CONFIG_FILE).is_file():
-            # Keep the old tensors until the new config lands: a save cut between the two
-            # renames then still leaves a loadable (old) delta.
-            atomic_write(previous, lambda tmp: shutil.copyfile(tensors_path, tmp))
-        try:
-            atomic_write(tensors_path, write_tensors)
-        except BaseException:
-            previous.unlink(missing_ok=True)  # the old tensors file was never replaced
-            raise
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "tensors_sha256": digest["sha256"],
-            "num_weights": self.num_weights,
-            "tensors": entries,
-            "metadata": self.metadata,
-        }
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True))
-        previous.unlink(missing_ok=True)
+        with _folder_lock(directory):
+            remove_stale_temporaries(directory, _SAVED_FILES)
+            intact = _file_matching_config(directory)
+            if intact == tensors_path:
+                # Keep the tensors that match the config until the new config lands: a save cut
+                # between the two renames then still leaves a loadable (old) delta.
+                atomic_write(previous, lambda tmp: shutil.copyfile(tensors_path, tmp))
+            elif intact is None:
+                previous.unlink(missing_ok=True)  # matches nothing: no delta to keep
+            # else an earlier save was cut after replacing the tensors: the previous copy is
+            # the only file that matches the config, and it is kept as it is.
+            try:
+                atomic_write(tensors_path, write_tensors, io_errors=(SafetensorError,))
+            except BaseException:
+                if intact == tensors_path:
+                    previous.unlink(missing_ok=True)  # the tensors file was never replaced
+                raise
+            config = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "tensors_sha256": digest["sha256"],
+                "num_weights": self.num_weights,
+                "tensors": entries,
+                "metadata": self.metadata,
+            }
+            text = json.dumps(config, indent=1, sort_keys=True)
+            atomic_write_text(directory / CONFIG_FILE, text)
+            previous.unlink(missing_ok=True)
 
     def _entry(self, name: str, kind: str, count: int) -> dict[str, Any]:
         return {
@@ -425,26 +444,42 @@ class SparseDelta:
                     f"{path} not found: a delta folder holds {CONFIG_FILE} and "
                     f"{TENSORS_FILE} (written by SparseDelta.save_pretrained)"
                 )
-        if config_path.stat().st_size > MAX_CONFIG_BYTES:
-            raise DeltaError(f"{config_path} is larger than {MAX_CONFIG_BYTES} bytes")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise DeltaError(f"{config_path} is not valid JSON: {err}") from err
-        entries = _check_config(config, config_path)
-        previous = directory / PREVIOUS_TENSORS_FILE
-        expected = config["tensors_sha256"]
-        if file_sha256(tensors_path) != expected:
-            if not (previous.is_file() and file_sha256(previous) == expected):
+        # One consistent snapshot: the config's bytes, then a tensors file whose bytes (read
+        # once, hashed and parsed from memory) have the sha256 the config records. A save that
+        # lands in between changes the config; the load then starts again.
+        for _ in range(_LOAD_ATTEMPTS):
+            raw_config = _read_config_bytes(config_path)
+            try:
+                config = json.loads(raw_config.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as err:
+                raise DeltaError(f"{config_path} is not valid JSON: {err}") from err
+            entries = _check_config(config, config_path)
+            found = _read_matching(
+                (tensors_path, directory / PREVIOUS_TENSORS_FILE), config["tensors_sha256"]
+            )
+            if found is not None:
+                tensors_path, data = found
+                break
+            try:
+                unchanged = _read_config_bytes(config_path) == raw_config
+            except DeltaError:
+                unchanged = False
+            if unchanged:
                 raise DeltaError(
                     f"{tensors_path} does not match its config (sha256 differs): the "
                     "files are corrupted or from different saves"
                 )
-            tensors_path = previous  # a save was cut short: the previous delta is intact
+            time.sleep(0.01)
+        else:
+            raise DeltaError(
+                f"{directory} changed on every one of {_LOAD_ATTEMPTS} reads: another process "
+                "keeps saving a delta into it; load it once that save is done"
+            )
         try:
-            tensors = load_file(str(tensors_path))
+            tensors = load(data)
         except Exception as err:  # safetensors raises several types for malformed files
             raise DeltaError(f"{tensors_path} is not a readable safetensors file: {err}") from err
+        del data
         expected = set()
         sparse, replace, shapes, dtypes, hashes = {}, {}, {}, {}, {}
         for entry in entries:
@@ -482,6 +517,66 @@ class SparseDelta:
             base_hashes=hashes,
             metadata=config["metadata"],
         )
+
+
+def saved_bytes(directory: str | os.PathLike) -> int:
+    """Bytes of a saved delta on disk: its config and tensors files (no temporary files)."""
+    return sum((Path(directory) / name).stat().st_size for name in (CONFIG_FILE, TENSORS_FILE))
+
+
+@contextlib.contextmanager
+def _folder_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (flock of the folder itself, where available)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: saves into one folder must not overlap
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _file_matching_config(directory: Path) -> Path | None:
+    """The tensors file (current or previous copy) whose sha256 the config records, if any."""
+    try:
+        config = json.loads(_read_config_bytes(directory / CONFIG_FILE).decode("utf-8"))
+        expected = config["tensors_sha256"]
+    except (DeltaError, OSError, ValueError, TypeError, KeyError, RecursionError):
+        return None
+    for path in (directory / TENSORS_FILE, directory / PREVIOUS_TENSORS_FILE):
+        try:
+            if path.is_file() and file_sha256(path) == expected:
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _read_config_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError as err:
+        raise DeltaError(f"{path} not found: the delta folder lacks its config") from err
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise DeltaError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    return raw
+
+
+def _read_matching(paths: tuple[Path, ...], sha256: str) -> tuple[Path, bytes] | None:
+    """The first of `paths` whose bytes, read once, have this sha256, with those bytes."""
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # e.g. the previous copy, removed by a save that completed
+            continue
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return path, data
+    return None
 
 
 def tensor_hash(tensor: Tensor) -> str:

@@ -13,13 +13,14 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import resources
+from .delta import saved_bytes
 from .files import atomic_write, atomic_write_text
 from .optimizer import SelectiveOptimizer
 from .tasks import Task, load_task
@@ -201,9 +202,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"task {config.task!r} has no training examples")
     _check_labels(task)
     model, tokenizer = load_model(config.model, task)
+    config = _check_max_length(config, model)
     model.train()
     per_epoch = math.ceil(len(task.train) / config.batch_size)
     total = config.steps if config.steps is not None else max(1, round(config.epochs * per_epoch))
+    if total > MAX_STEPS:
+        raise ValueError(
+            f"--epochs {config.epochs} makes {total:,} steps; at most {MAX_STEPS:,} are allowed: "
+            "give fewer --epochs or --steps"
+        )
     budget = None if config.method in ("bitfit", "full") else config.budget
     opt = SelectiveOptimizer(
         model,
@@ -292,7 +299,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         task.metric: metric,
         "weights_changed": opt.num_changed,
         "weights_total": sum(p.numel() for p in model.parameters()),
-        "delta_bytes": sum(f.stat().st_size for f in (output / "delta").iterdir()),
+        "delta_bytes": saved_bytes(output / "delta"),
         "steps": total,
         "train_seconds": round(train_seconds, 1),
         "optimizer_state_bytes": opt.state_bytes(),
@@ -304,16 +311,91 @@ def run(config: TrainConfig) -> dict[str, Any]:
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
+MAX_STEPS = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
 def _check_config(config: TrainConfig) -> None:
-    if config.steps is not None and config.steps < 1:
-        raise ValueError(f"--steps must be a positive integer, got {config.steps}")
-    if not config.epochs > 0:
-        raise ValueError(f"--epochs must be positive, got {config.epochs}")
+    """Refuse (ValueError naming the option and what it allows) any option of the wrong type or
+    out of range, before anything is loaded; the one place where TrainConfig values are checked,
+    whether they come from flags or a TOML/YAML config file."""
+    _check_types(config)
+    if config.steps is not None and not 1 <= config.steps <= MAX_STEPS:
+        raise ValueError(
+            f"--steps must be a positive integer of at most {MAX_STEPS:,}, got {config.steps}"
+        )
+    if not (math.isfinite(config.epochs) and config.epochs > 0):
+        raise ValueError(f"--epochs must be a positive finite number, got {config.epochs}")
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {config.batch_size}")
     for flag, value in (("--lr", config.lr), ("--weight-decay", config.weight_decay)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
+    if config.max_length < 1:
+        raise ValueError(
+            f"--max-length must be a positive integer (tokens per example), got {config.max_length}"
+        )
+    if not SEED_RANGE[0] <= config.seed <= SEED_RANGE[1]:
+        raise ValueError(f"--seed must be an integer from -2**63 to 2**64 - 1, got {config.seed}")
+    if config.save_every < 0:
+        raise ValueError(
+            f"--save-every must be an integer >= 0 (steps between checkpoints; 0: only on "
+            f"SIGINT/SIGTERM), got {config.save_every}"
+        )
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each option must have its type: a config file's `lr: 1e-2` (a string in YAML),
+    `steps = "5"` or `batch_size = 2.5` are refused, naming the option."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kinds = _ALLOWED_TYPES[f.name]
+        ok = any(
+            value is None
+            if kind is None
+            else type(value) is kind or (kind is float and type(value) is int)
+            for kind in kinds
+        )
+        if not ok:
+            allowed = " or ".join(_TYPE_WORDS[kind] for kind in kinds)
+            flag = "--" + f.name.replace("_", "-")
+            hint = (
+                " (YAML reads 1e-2 as a string: write 1.0e-2)"
+                if isinstance(value, str) and float in kinds
+                else ""
+            )
+            raise ValueError(
+                f"option {f.name} ({flag}) must be {allowed}, got {value!r} "
+                f"({type(value).__name__}){hint}"
+            )
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_TYPE_WORDS[None] = "unset"
+_ALLOWED_TYPES: dict[str, tuple] = {
+    f.name: {
+        "str": (str,),
+        "float": (float,),
+        "int": (int,),
+        "bool": (bool,),
+        "int | None": (int, None),
+        "str | None": (str, int, float, None),  # budget: "0.1%", 50000 or 0.001
+    }[f.type]
+    for f in fields(TrainConfig)
+}
+
+
+def _check_max_length(config: TrainConfig, model) -> TrainConfig:
+    """Refuse a --max-length above the model's positions; the default (64) is lowered to them."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or config.max_length <= positions:
+        return config
+    if config.max_length == TrainConfig.max_length:
+        return replace(config, max_length=positions)
+    raise ValueError(
+        f"--max-length {config.max_length} is more than the model's {positions} positions "
+        f"(max_position_embeddings); give --max-length {positions} or less"
+    )
 
 
 def _check_labels(task: Task) -> None:
@@ -347,13 +429,14 @@ def _save_checkpoint(path: Path, model, opt: SelectiveOptimizer, done: int) -> N
         "dense": dense,
         "torch_rng": torch.get_rng_state(),
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    # torch.save reports a full disk as RuntimeError: atomic_write makes it an OSError.
+    atomic_write(path, lambda tmp: torch.save(state, tmp), io_errors=(RuntimeError,))
 
 
 def _resume(path: Path, model, opt: SelectiveOptimizer, log_path: Path) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume")
-    state = torch.load(path, weights_only=True)
+    state = _read_checkpoint(path, model)
     opt.load_state_dict(state["optimizer"])
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -373,6 +456,48 @@ def _resume(path: Path, model, opt: SelectiveOptimizer, log_path: Path) -> int:
         kept = [line + "\n" for line, row in records if row["step"] < done]
         atomic_write_text(log_path, "".join(kept))
     return done
+
+
+def _read_checkpoint(path: Path, model) -> dict[str, Any]:
+    """The checkpoint's state, checked to be complete before anything is restored from it."""
+
+    def damaged(why: str) -> ValueError:
+        return ValueError(
+            f"--resume: checkpoint {path} {why}: it is damaged or was not written by "
+            "unmask train; delete it and run without --resume"
+        )
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several types for torn or foreign files
+        raise damaged(f"cannot be read ({type(err).__name__}: {str(err)[:200]})") from err
+    if not isinstance(state, dict):
+        raise damaged("does not hold a dict of training state")
+    missing = [k for k in ("step", "optimizer", "dense", "torch_rng") if k not in state]
+    if missing:
+        raise damaged(f"lacks {missing}")
+    if type(state["step"]) is not int or state["step"] < 0:
+        raise damaged(f"has step {state['step']!r}, not an integer >= 0")
+    rng = state["torch_rng"]
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1):
+        raise damaged("has a torch_rng that is not a 1-D uint8 tensor")
+    if not isinstance(state["optimizer"], dict):
+        raise damaged("has optimizer state that is not a dict")
+    params = dict(model.named_parameters())
+    dense = state["dense"]
+    if not isinstance(dense, dict):
+        raise damaged("has dense parameters that are not a dict")
+    for name, value in dense.items():
+        ok = (
+            name in params
+            and isinstance(value, torch.Tensor)
+            and value.shape == params[name].shape
+            and value.dtype == params[name].dtype
+            and bool(torch.isfinite(value).all())
+        )
+        if not ok:
+            raise damaged(f"has a dense parameter {str(name)[:100]!r} that does not fit this model")
+    return state
 
 
 def read_train_log(path: Path) -> tuple[list[dict], bool]:
