@@ -7,7 +7,6 @@ input that used to end in a traceback.
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import os
@@ -22,14 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS
+from test_reliability_part2 import train_argv as part2_train_argv
+from test_reliability_part2 import write_reviews
 
 import unmask
 from unmask import DeltaError, SparseDelta
 from unmask.cli import EXIT_OK, EXIT_USAGE, main
 from unmask.train import CHECKPOINT_FILE, _save_checkpoint
 
-COLUMNS = ["--text-column", "sentence", "--label-column", "sentiment"]
 TENSORS, CONFIG = "delta.safetensors", "delta_config.json"
 
 
@@ -175,27 +174,13 @@ def test_any_two_saves_killed_in_a_row_leave_a_delta_that_loads(tmp_path):
             assert sorted(p.name for p in folder.iterdir()) == [TENSORS, CONFIG], where
 
 
-def write_reviews(path: Path, rows: int = 60) -> Path:
-    rng = random.Random(0)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["sentence", "sentiment"])
-        for i in range(rows):
-            word = rng.choice(WORDS[:4] if i % 2 else WORDS[4:8])
-            writer.writerow([f"the movie was {word}", ("neg", "pos")[i % 2]])
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_csv(tmp_path_factory):
     return write_reviews(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
 def train_argv(model, task, out, *extra: str) -> list[str]:
-    return [
-        "train", "--model", str(model), "--task", str(task), *COLUMNS,
-        "--output", str(out), "--no-progress", "--budget", "5%", *extra,
-    ]  # fmt: skip
+    return part2_train_argv(model, task, out, "--budget", "5%", *extra)
 
 
 def test_temporary_files_of_killed_saves_are_removed_and_not_counted(
