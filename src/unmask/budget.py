@@ -53,7 +53,14 @@ def _to_count(budget: Budget, num_candidates: int) -> int:
                 f"budget {budget} is neither a fraction in (0, 1) nor a whole number of weights"
             )
         return int(budget)
-    text = budget.strip().upper().replace(",", "").replace("_", "")
+    text = budget.strip().upper()
+    # Only digits, dots and a K/M/G or % suffix: "0,1%" is not read as 1% (nor as 0.1%).
+    if bad := "".join(sorted(set(re.sub(r"[0-9.KMG%]", "", budget.strip(), flags=re.I)))):
+        if "," in bad:
+            fix = "write decimals with a dot ('0.1%', '1.5M') and counts without separators"
+        else:
+            fix = _FORMS
+        raise ValueError(f"cannot read budget {budget!r}: {bad!r} is not part of a number; {fix}")
     # Decimal, not float: "16.1K" is exactly 16100 and long counts keep every digit.
     if m := _PERCENT.match(text):
         percent = Decimal(m.group(1))
@@ -78,7 +85,7 @@ def _fraction(fraction: float | Decimal, num_candidates: int) -> int:
 
 
 def _malformed(budget: object) -> str:
-    return (
-        f"cannot read budget {budget!r}: use a count (5000, '100K', '1.5M'), a percentage "
-        "('0.1%') or a fraction in (0, 1) (0.001)"
-    )
+    return f"cannot read budget {budget!r}: {_FORMS}"
+
+
+_FORMS = "use a count (5000, '100K', '1.5M'), a percentage ('0.1%') or a fraction (0.001)"

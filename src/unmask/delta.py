@@ -28,7 +28,9 @@ import json
 import math
 import os
 import shutil
+import stat
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,14 @@ class SparseDelta:
     dtypes: dict[str, str]
     base_hashes: dict[str, str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # (name, id(parameter)) -> (weakref to it, its base values at the indices): what apply_
+    # overwrote, so that remove_ on that model restores the exact base (see remove_).
+    _overwritten: dict[tuple[str, int], tuple[weakref.ref, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_overwritten": {}}  # weak references do not pickle
 
     def __post_init__(self) -> None:
         for name, (indices, values) in self.sparse.items():
@@ -208,7 +218,18 @@ class SparseDelta:
                     f"trained on (base model: {self.metadata.get('base_model')!r}); apply it to "
                     "that model, or to the model before any other delta was applied"
                 )
-        _commit(self._plan(params, sign=1))
+        writes = self._plan(params, sign=1)
+        overwritten = {}
+        for name, (indices, _) in self.sparse.items():
+            p = params[name].detach()
+            index = indices.to(device=p.device, dtype=torch.long)
+            overwritten[(name, id(params[name]))] = (
+                weakref.ref(params[name]),
+                p.reshape(-1).index_select(0, index),
+            )
+        _commit(writes)
+        self._overwritten = {k: v for k, v in self._overwritten.items() if v[0]() is not None}
+        self._overwritten.update(overwritten)
         return model
 
     @torch.no_grad()
@@ -217,17 +238,23 @@ class SparseDelta:
 
         Refuses (DeltaError, model untouched) a model that does not hold base + delta at the
         delta's indices: the base model itself, or values that no base value rounds to when the
-        delta is added. Where the base value is the only one that does, the result is the exact
-        base (checked against its fingerprint); otherwise it is within one rounding step of the
-        values' dtype. Deltas that replace whole tensors cannot be removed (the base values are
-        not stored).
+        delta is added. On a model this delta object was applied to, the result is the exact
+        base: apply_ keeps the values it overwrote, and they are used when they still round to
+        the current values and match the base's fingerprint, so that apply A, remove A, apply B
+        swaps deltas bit-exactly. Elsewhere, where the base value is the only one that rounds
+        to the current one, the result is the exact base (checked against its fingerprint);
+        otherwise it is within one rounding step of the values' dtype. Deltas that replace
+        whole tensors cannot be removed (the base values are not stored).
         """
         if self.replace:
             raise DeltaError(
                 f"this delta replaces whole tensors ({sorted(self.replace)[:3]}), whose base "
                 "values it does not store; reload the base model instead of removing it"
             )
-        _commit(self._plan(self._check_model(model), sign=-1))
+        params = self._check_model(model)
+        _commit(self._plan(params, sign=-1))
+        for name in self.sparse:
+            self._overwritten.pop((name, id(params[name])), None)
         return model
 
     def labels(self) -> list[str] | None:
@@ -309,7 +336,12 @@ class SparseDelta:
             if sign > 0:
                 updated = (current.to(change.dtype) + change).to(p.dtype)
             else:
-                updated = self._restored(name, p, index, current, change)
+                kept = self._overwritten.get((name, id(params[name])))
+                if kept is not None and kept[0]() is not params[name]:
+                    kept = None  # another tensor that got the same id
+                updated = self._restored(
+                    name, p, index, current, change, None if kept is None else kept[1]
+                )
             _check_finite(name, p, updated)
             writes.append((p, index, updated))
         for name, values in self.replace.items():
@@ -320,9 +352,18 @@ class SparseDelta:
         return writes
 
     def _restored(
-        self, name: str, p: Tensor, index: Tensor, current: Tensor, change: Tensor
+        self,
+        name: str,
+        p: Tensor,
+        index: Tensor,
+        current: Tensor,
+        change: Tensor,
+        overwritten: Tensor | None = None,
     ) -> Tensor:
-        """The base values at `index`, from base + delta there; DeltaError if it is not that."""
+        """The base values at `index`, from base + delta there; DeltaError if it is not that.
+
+        `overwritten`: the values apply_ replaced at `index`, if this delta was applied to `p`.
+        """
 
         def added(base: Tensor) -> Tensor:  # what apply_ writes for a base value
             return (base.to(change.dtype) + change).to(p.dtype)
@@ -332,6 +373,13 @@ class SparseDelta:
             tensor[index] = values
             return tensor_hash(tensor.view(p.shape)) == self.base_hashes[name]
 
+        if (
+            overwritten is not None
+            and overwritten.shape == current.shape
+            and bool((added(overwritten.to(p.device)) == current).all())
+            and is_base(overwritten.to(p.device))
+        ):
+            return overwritten.to(p.device)
         subtracted = (current.to(change.dtype) - change).to(p.dtype)
         if is_base(subtracted):
             return subtracted
@@ -439,11 +487,12 @@ class SparseDelta:
         directory = Path(directory)
         config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
         for path in (config_path, tensors_path):
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise DeltaError(
                     f"{path} not found: a delta folder holds {CONFIG_FILE} and "
                     f"{TENSORS_FILE} (written by SparseDelta.save_pretrained)"
                 )
+            _check_regular(path, os.lstat(path))
         # One consistent snapshot: the config's bytes, then a tensors file whose bytes (read
         # once, hashed and parsed from memory) have the sha256 the config records. A save that
         # lands in between changes the config; the load then starts again.
@@ -558,8 +607,7 @@ def _file_matching_config(directory: Path) -> Path | None:
 
 def _read_config_bytes(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        raw = _read_regular(path, MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as err:
         raise DeltaError(f"{path} not found: the delta folder lacks its config") from err
     if len(raw) > MAX_CONFIG_BYTES:
@@ -567,11 +615,48 @@ def _read_config_bytes(path: Path) -> bytes:
     return raw
 
 
+def _read_regular(path: Path, limit: int = -1) -> bytes:
+    """The bytes of `path` (at most `limit`), refused (DeltaError) unless it is a regular file.
+
+    Opened without following a symlink and without blocking, and checked on the open file, so
+    a FIFO, a device such as /dev/zero or a symlink is refused before a byte is read, also when
+    it was swapped in after an earlier check.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        if os.path.islink(path):  # O_NOFOLLOW's ELOOP
+            _check_regular(path, os.lstat(path))
+        raise
+    with os.fdopen(fd, "rb") as f:
+        _check_regular(path, os.fstat(fd))
+        return f.read(limit)
+
+
+def _check_regular(path: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "a symbolic link" if stat.S_ISLNK(info.st_mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode)
+            else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+            else "a folder" if stat.S_ISDIR(info.st_mode)
+            else "a special file"
+        )  # fmt: skip
+        raise DeltaError(
+            f"{path} is not a regular file ({kind}); a delta folder holds the regular files "
+            "save_pretrained writes: copy the real files into the folder, or save the delta again"
+        )
+
+
 def _read_matching(paths: tuple[Path, ...], sha256: str) -> tuple[Path, bytes] | None:
     """The first of `paths` whose bytes, read once, have this sha256, with those bytes."""
     for path in paths:
         try:
-            data = path.read_bytes()
+            data = _read_regular(path)
         except FileNotFoundError:  # e.g. the previous copy, removed by a save that completed
             continue
         if hashlib.sha256(data).hexdigest() == sha256:

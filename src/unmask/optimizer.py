@@ -311,6 +311,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_same_parameters()
         if self._params and self._params[0].device != self._delta.device:
             raise RuntimeError(
                 f"the model's parameters moved to {self._params[0].device} after the optimizer "
@@ -356,6 +357,28 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._clear_pending()
         self.method.clear()
         return loss
+
+    def _check_same_parameters(self) -> None:
+        """RuntimeError if a trained parameter of the model is no longer the one held here.
+
+        A module replaced after the optimizer was built (``model.classifier = nn.Linear(...)``)
+        brings new parameter objects: the optimizer would go on training the old, detached ones
+        and save them in the delta. An identity check by name, once per step. Not under FSDP,
+        which swaps the registered parameters itself.
+        """
+        if self._shards is not None:
+            return
+        current = dict(self.model.named_parameters())
+        names = zip(self._names + self._dense_names, self._params + self._dense_params, strict=True)
+        for name, param in names:
+            if current.get(name) is not param:
+                what = "is gone" if name not in current else "was replaced by a new tensor"
+                raise RuntimeError(
+                    f"parameter {name} of the model {what} after the SelectiveOptimizer was "
+                    "built (a module was replaced or removed); this optimizer would train and "
+                    "save the old, detached parameter: build a new SelectiveOptimizer after "
+                    "changing the model"
+                )
 
     def _freeze_if_final(self) -> None:
         if not self.freeze_unselected or not self.calibrated:
@@ -893,6 +916,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         and the full dense tensors, and every rank gets the same delta, the one an unsharded
         process would make (indices of the full tensors); save it from rank 0.
         """
+        self._check_same_parameters()
         if self._shards is None:
             entries = [
                 (i, local, self._delta[slots], self._base[slots])

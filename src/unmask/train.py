@@ -234,7 +234,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         )
     log_path = output / "train_log.jsonl"
     checkpoint = output / CHECKPOINT_FILE
-    first = _resume(checkpoint, model, opt, log_path) if config.resume else 0
+    settings = _run_settings(config, total, opt)
+    first = _resume(checkpoint, model, opt, log_path, settings) if config.resume else 0
     started = time.perf_counter()
     mode = "a" if first else "w"
     with (
@@ -261,7 +262,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             bar.update(1)
             done = step + 1
             if stop.signal is not None or (config.save_every and done % config.save_every == 0):
-                _save_checkpoint(checkpoint, model, opt, done)
+                _save_checkpoint(checkpoint, model, opt, done, settings)
             if stop.signal is not None and done < total:
                 raise Interrupted(
                     f"stopped by {stop.signal} after step {done} of {total}; checkpoint "
@@ -417,8 +418,59 @@ class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after writing a resumable checkpoint."""
 
 
-def _save_checkpoint(path: Path, model, opt: SelectiveOptimizer, done: int) -> None:
-    """Optimizer state, dense parameters, RNG and step count; written atomically.
+# What makes one training run: `--resume` refuses a checkpoint saved under other values.
+RUN_SETTINGS = (
+    "model", "task", "method", "budget", "seed", "lr", "weight_decay", "batch_size", "steps",
+    "max_length", "train_size", "schedule", "adam_step", "score_eps", "score_exp",
+)  # fmt: skip
+
+
+def _run_settings(config: TrainConfig, total: int, opt: SelectiveOptimizer) -> dict[str, Any]:
+    """The run's RUN_SETTINGS as JSON-able values, with paths resolved and steps counted.
+
+    "budget_weights" is the resolved budget: "5%" and its count in weights are the same run.
+    """
+    settings = {name: getattr(config, name) for name in RUN_SETTINGS}
+    settings["model"] = _resolved_path(resolve_model(config.model))
+    settings["task"] = _resolved_path(config.task)
+    settings["steps"] = total
+    settings["budget_weights"] = opt.total_budget
+    return settings
+
+
+def _resolved_path(name: str) -> str:
+    path = Path(name)
+    return str(path.resolve()) if path.exists() else name
+
+
+def _check_same_run(path: Path, saved: dict[str, Any], settings: dict[str, Any]) -> None:
+    """ValueError naming every setting in which `saved` (the checkpoint's run) differs."""
+    differ = []
+    for name in RUN_SETTINGS:
+        if name not in saved:
+            continue
+        if name == "budget" and "budget_weights" in saved:
+            if saved["budget_weights"] == settings["budget_weights"]:
+                continue
+            there = f"{saved['budget']!r} ({saved['budget_weights']:,} weights)"
+            here = f"{settings['budget']!r} ({settings['budget_weights']:,} weights)"
+        elif saved[name] == settings[name] and type(saved[name]) is type(settings[name]):
+            continue
+        else:
+            there, here = repr(saved[name]), repr(settings[name])
+        differ.append(f"--{name.replace('_', '-')} {there} in the checkpoint's run, {here} now")
+    if differ:
+        raise ValueError(
+            f"--resume: checkpoint {path} was saved by a run with other settings: "
+            + "; ".join(differ)
+            + ". Resume with the settings of that run, or train anew into another --output"
+        )
+
+
+def _save_checkpoint(
+    path: Path, model, opt: SelectiveOptimizer, done: int, settings: dict[str, Any] | None = None
+) -> None:
+    """Optimizer state, dense parameters, RNG, step count and the run's settings; atomic.
 
     Sparse weights are restored by the optimizer state; dense ones (a new head) are stored.
     """
@@ -429,14 +481,20 @@ def _save_checkpoint(path: Path, model, opt: SelectiveOptimizer, done: int) -> N
         "dense": dense,
         "torch_rng": torch.get_rng_state(),
     }
+    if settings is not None:
+        state["run"] = settings
     # torch.save reports a full disk as RuntimeError: atomic_write makes it an OSError.
     atomic_write(path, lambda tmp: torch.save(state, tmp), io_errors=(RuntimeError,))
 
 
-def _resume(path: Path, model, opt: SelectiveOptimizer, log_path: Path) -> int:
+def _resume(
+    path: Path, model, opt: SelectiveOptimizer, log_path: Path, settings: dict[str, Any]
+) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume")
     state = _read_checkpoint(path, model)
+    if "run" in state:  # checkpoints written before the settings were recorded have none
+        _check_same_run(path, state["run"], settings)
     opt.load_state_dict(state["optimizer"])
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -483,6 +541,8 @@ def _read_checkpoint(path: Path, model) -> dict[str, Any]:
         raise damaged("has a torch_rng that is not a 1-D uint8 tensor")
     if not isinstance(state["optimizer"], dict):
         raise damaged("has optimizer state that is not a dict")
+    if "run" in state and not isinstance(state["run"], dict):
+        raise damaged("has run settings that are not a dict")
     params = dict(model.named_parameters())
     dense = state["dense"]
     if not isinstance(dense, dict):
