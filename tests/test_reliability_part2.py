@@ -317,3 +317,26 @@ def test_saved_delta_files_follow_the_umask(trained_run, tmp_path, umask):
     SparseDelta.from_pretrained(trained_run / "delta").save_pretrained(tmp_path / "delta")
     saved = sorted((tmp_path / "delta").iterdir())
     assert saved and all(mode(p) == 0o644 for p in saved), {p.name: oct(mode(p)) for p in saved}
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_json_data_nested_too_deeply_is_refused(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_task(str(path))
+
+
+def test_a_step_log_line_nested_too_deeply_exits_2(tmp_path):
+    from unmask.train import read_train_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n" + '{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_train_log(log)

@@ -382,11 +382,12 @@ def _read_json_lines(path: Path, text: str) -> tuple[list[dict], list[str]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
             raise ValueError(
-                f"{path} line {lineno} is not valid JSON ({exc.msg}); expected "
+                f"{path} line {lineno} is not valid JSON ({why}); expected "
                 "one JSON object per line"
-            ) from exc
+            ) from None
         if not isinstance(row, dict):
             raise ValueError(
                 f"{path} line {lineno} is a JSON {type(row).__name__}, expected "
@@ -402,6 +403,8 @@ def _read_json_array(path: Path, text: str) -> tuple[list[dict], list[str]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
     bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
     if bad is not None:
         raise ValueError(f"{path} item {bad} is not a JSON object; expected a list of objects")

@@ -580,7 +580,7 @@ def _read_log_lines(path: Path) -> tuple[list[tuple[str, dict]], bool]:
     if last.strip():
         try:
             json.loads(last)
-        except ValueError:
+        except (ValueError, RecursionError):
             torn = True
         else:
             lines.append(last)
@@ -590,7 +590,7 @@ def _read_log_lines(path: Path) -> tuple[list[tuple[str, dict]], bool]:
             continue
         try:
             row = json.loads(line)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise ValueError(
                 f"{path} line {number} is not valid JSON ({err}); the step log is damaged: "
                 "fix or delete that line, or delete the file to start a new log"
