@@ -7,7 +7,10 @@ On disk a delta is a folder with two files:
                       trained tensor, for dense parameters such as a new classification head);
   delta_config.json   format version, the tensor list (shape, dtype, kind, count), the training
                       metadata (method, budget, ε, exp, T, base model), a sha256 of each base
-                      tensor the delta changes, and a sha256 of delta.safetensors.
+                      tensor the delta changes, ``dependency_sha256``: a sha256 of each other base
+                      tensor those changes depend on (the ones sharing a module with a changed
+                      tensor, see `dependent_parameters`; absent in older files, which then get
+                      the first check only), and a sha256 of delta.safetensors.
 
 An fp32 delta takes 8 bytes per changed weight plus a constant per tensor. Loading never uses
 pickle: safetensors and JSON only, validated before anything touches a model.
@@ -31,7 +34,7 @@ import shutil
 import stat
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,11 @@ class SparseDelta:
     base_hashes: name -> sha256 of the base tensor (sparse entries only); apply_ refuses a model
         whose tensor differs.
     metadata: how the delta was trained (method, budget, score_eps, score_exp, total_steps, ...).
+    dependency_hashes: name -> sha256 of a base tensor the delta does not change but its changes
+        depend on (one sharing a module with a changed tensor: for a LoRA layer its lora_A,
+        lora_B and base layer weights); apply_ refuses a model whose tensor differs, and `+`
+        refuses deltas that record different fingerprints for one tensor. Empty for deltas
+        saved before it was recorded (then only base_hashes are checked).
     """
 
     sparse: dict[str, tuple[Tensor, Tensor]]
@@ -81,6 +89,7 @@ class SparseDelta:
     dtypes: dict[str, str]
     base_hashes: dict[str, str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    dependency_hashes: dict[str, str] = field(default_factory=dict)
     # (name, id(parameter)) -> (weakref to it, its base values at the indices): what apply_
     # overwrote, so that remove_ on that model restores the exact base (see remove_).
     _overwritten: dict[tuple[str, int], tuple[weakref.ref, Tensor]] = field(
@@ -112,6 +121,10 @@ class SparseDelta:
         missing = set(self.sparse) - set(self.base_hashes)
         if missing:
             raise DeltaError(f"no base fingerprint for {sorted(missing)[:3]}")
+        if not isinstance(self.dependency_hashes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.dependency_hashes.items()
+        ):
+            raise DeltaError("dependency fingerprints must map tensor names to sha256 strings")
 
     # ------------------------------------------------------------------ building
 
@@ -126,6 +139,10 @@ class SparseDelta:
     ) -> SparseDelta:
         """Build a delta from a trained model and the pretrained values at the changed indices.
 
+        Besides each changed tensor's base, it fingerprints the tensors the changes depend on
+        (`dependent_parameters` of the sparse entries, except the delta's own tensors): they
+        still hold their base values, as the delta does not change them.
+
         The base hashes need whole tensors: FSDP-sharded (DTensor) parameters are gathered one
         at a time, so under FSDP every rank calls this with the same `sparse`.
         """
@@ -136,6 +153,11 @@ class SparseDelta:
             base = full(params[name].detach()).to("cpu", copy=True).reshape(-1)
             base[indices.long()] = base_values[name].to(base.dtype)
             hashes[name] = tensor_hash(base.view(params[name].shape))
+        dependencies = {
+            name: tensor_hash(full(params[name].detach()))
+            for name in dependent_parameters(model, sparse)
+            if name not in sparse and name not in replace
+        }
         return cls(
             sparse=sparse,
             replace=replace,
@@ -143,6 +165,7 @@ class SparseDelta:
             dtypes={n: _dtype_name(params[n].dtype) for n in names},
             base_hashes=hashes,
             metadata=metadata,
+            dependency_hashes=dependencies,
         )
 
     # ------------------------------------------------------------------ inspection
@@ -167,8 +190,12 @@ class SparseDelta:
         for name in set(self.shapes) & set(other.shapes):
             if self.shapes[name] != other.shapes[name] or self.dtypes[name] != other.dtypes[name]:
                 raise DeltaError(f"cannot add deltas: tensor {name} differs in shape or dtype")
-        for name in set(self.base_hashes) & set(other.base_hashes):
-            if self.base_hashes[name] != other.base_hashes[name]:
+        # Every base fingerprint either delta records (changed tensors and the tensors their
+        # changes depend on) must agree where both record one.
+        mine = {**self.dependency_hashes, **self.base_hashes}
+        theirs = {**other.dependency_hashes, **other.base_hashes}
+        for name in sorted(set(mine) & set(theirs)):
+            if mine[name] != theirs[name]:
                 raise DeltaError(
                     f"cannot add deltas made for different base models (tensor {name})"
                 )
@@ -197,6 +224,11 @@ class SparseDelta:
             dtypes={**self.dtypes, **other.dtypes},
             base_hashes={**self.base_hashes, **other.base_hashes},
             metadata={"combined": [self.metadata, other.metadata]},
+            dependency_hashes={
+                n: h
+                for n, h in {**self.dependency_hashes, **other.dependency_hashes}.items()
+                if n not in sparse
+            },
         )
 
     # ------------------------------------------------------------------ applying
@@ -206,9 +238,10 @@ class SparseDelta:
         """Add the delta to `model` in place and return it.
 
         Checks first that every tensor exists with the recorded shape and dtype, that each
-        changed tensor is bit-identical to the base the delta was trained from, and that every
-        value to be written is finite in the parameter's dtype; on any failure raises DeltaError
-        and leaves the model untouched.
+        changed tensor and each tensor the changes depend on (`dependency_hashes`) is
+        bit-identical to the base the delta was trained from, and that every value to be
+        written is finite in the parameter's dtype; on any failure raises DeltaError and leaves
+        the model untouched.
         """
         params = self._check_model(model)
         for name, tensor in params.items():
@@ -218,6 +251,7 @@ class SparseDelta:
                     f"trained on (base model: {self.metadata.get('base_model')!r}); apply it to "
                     "that model, or to the model before any other delta was applied"
                 )
+        self._check_dependencies(model)
         writes = self._plan(params, sign=1)
         overwritten = {}
         for name, (indices, _) in self.sparse.items():
@@ -288,6 +322,33 @@ class SparseDelta:
                 "config is corrupt or was edited: pass --num-labels or re-create the delta"
             )
         return labels
+
+    def _check_dependencies(self, model: nn.Module) -> None:
+        """DeltaError unless every tensor the changes depend on matches its fingerprint."""
+        if not self.dependency_hashes:
+            return
+        available = dict(model.named_parameters())
+        for name, expected in sorted(self.dependency_hashes.items()):
+            p = available.get(name)
+            if p is None:
+                raise DeltaError(
+                    f"the model has no parameter {name}, which the delta's changes depend on; "
+                    f"the delta was made for {self.metadata.get('base_model')!r}"
+                )
+            if p.is_meta:
+                raise DeltaError(
+                    f"parameter {name} is on the meta device (its weights are not loaded); load "
+                    "or materialise the model's weights (e.g. model.to('cpu')) before applying"
+                )
+            if tensor_hash(p) != expected:
+                raise DeltaError(
+                    f"tensor {name} of this model differs from the base model the delta was "
+                    f"trained on (base model: {self.metadata.get('base_model')!r}): the delta "
+                    "does not change it, but its changes to the same module depend on it (for "
+                    "LoRA: another adapter initialisation; build the adapter with the same "
+                    "config and seed). Apply it to that model, or to the model before any "
+                    "other delta was applied"
+                )
 
     def _check_model(self, model: nn.Module) -> dict[str, Tensor]:
         available = dict(model.named_parameters())
@@ -466,6 +527,7 @@ class SparseDelta:
                 "num_weights": self.num_weights,
                 "tensors": entries,
                 "metadata": self.metadata,
+                "dependency_sha256": dict(sorted(self.dependency_hashes.items())),
             }
             text = json.dumps(config, indent=1, sort_keys=True)
             atomic_write_text(directory / CONFIG_FILE, text)
@@ -565,6 +627,7 @@ class SparseDelta:
             dtypes=dtypes,
             base_hashes=hashes,
             metadata=config["metadata"],
+            dependency_hashes=dict(config.get("dependency_sha256", {})),
         )
 
 
@@ -664,6 +727,25 @@ def _read_matching(paths: tuple[Path, ...], sha256: str) -> tuple[Path, bytes] |
     return None
 
 
+def dependent_parameters(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Parameters of `model` that the changes to the parameters `names` depend on, sorted.
+
+    A change to an adapter weight means something only together with the rest of its adapter:
+    for a peft LoRA layer (``q.lora_B.default.weight``) that is every parameter of the layer
+    ``q`` (lora_A, lora_B, the base layer). Other parameters depend on nothing else, so deltas
+    that change different tensors of an ordinary model can be applied one after another.
+    """
+    all_names = [n for n, _ in model.named_parameters()]
+    found: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        cut = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+        if cut:
+            layer = ".".join(parts[:cut]) + "."
+            found.update(n for n in all_names if n.startswith(layer))
+    return sorted(found)
+
+
 def tensor_hash(tensor: Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (hex, first 32 characters)."""
     data = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -733,6 +815,11 @@ def _check_config(config: Any, path: Path) -> list[dict[str, Any]]:
     entries = config.get("tensors")
     if not isinstance(entries, list):
         raise DeltaError(f"{path}: 'tensors' must be a list")
+    dependencies = config.get("dependency_sha256", {})  # absent before it was recorded
+    if not isinstance(dependencies, dict) or not all(
+        isinstance(h, str) for h in dependencies.values()
+    ):
+        raise DeltaError(f"{path}: 'dependency_sha256' must map tensor names to sha256 strings")
     seen = set()
     for entry in entries:
         ok = (
