@@ -253,3 +253,17 @@ def test_report_keeps_only_runs_whose_own_budget_tuning_chose_their_rate():
     assert main[1].id not in kept  # 2%'s tuning is not complete: not the 1% rate either
     records[-2]["lr"] = 1e-2
     assert main[0].id not in {r["id"] for r in current(records, tune + main)}
+
+
+def test_the_grid_does_not_import_its_report():
+    """The report reads the grid's declarations; the grid never imports the report (no cycle)."""
+    import ast
+
+    tree = ast.parse(Path(quality.__file__).read_text())
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert not any("quality_report" in (name or "") for name in imported)
