@@ -474,7 +474,7 @@ def _header(records: list[dict[str, Any]], declared: list[Cell], done: set[str])
     return lines + [""]
 
 
-README_SECTION = ("### Quality: ID3 against the baselines", "### Memory:")
+README_SECTION = ("## Quality: ID3 against the baselines", "## Memory:")
 README_TABLES = 6  # report.md's tables up to and including the ablation table
 _TABLE = re.compile(r"(?:^\|.*\n)+", re.MULTILINE)
 

@@ -198,18 +198,18 @@ def test_count_zeros_counts_exact_zeros_per_tensor():
     assert count_zeros(model) == {"weights": 15, "zeros": 6, "zeros_per_tensor": {"weight": 6}}
 
 
-def test_committed_readme_tables_are_report_tables(tmp_path):
-    """The README's quality tables must be report.md's, verbatim: a sync of the committed files
-    changes nothing, and a hand edit to a README number is caught and undone."""
+def test_committed_results_tables_are_report_tables(tmp_path):
+    """docs/results.md's quality tables must be report.md's, verbatim: a sync of the committed
+    files changes nothing, and a hand edit to a number is caught and undone."""
     root = Path(__file__).resolve().parents[1]
-    readme = tmp_path / "README.md"
-    readme.write_text((root / "README.md").read_text())
+    results = tmp_path / "results.md"
+    results.write_text((root / "docs" / "results.md").read_text())
     report = root / quality.RESULTS / "report.md"
-    assert sync_readme(readme, report) == 0
-    edited = readme.read_text().replace("| full | – |", "| full | 99.9 |", 1)
-    readme.write_text(edited)
-    assert sync_readme(readme, report) == 1
-    assert readme.read_text() == (root / "README.md").read_text()
+    assert sync_readme(results, report) == 0
+    edited = results.read_text().replace("| full | – |", "| full | 99.9 |", 1)
+    results.write_text(edited)
+    assert sync_readme(results, report) == 1
+    assert results.read_text() == (root / "docs" / "results.md").read_text()
 
 
 def test_readme_sync_refuses_tables_out_of_order(tmp_path):
