@@ -1,8 +1,12 @@
 """Turn the quality benchmark's records into report.md and PNG plots (see quality.py).
 
-    .venv/bin/python -m benchmarks.quality_report [--out benchmarks/results/quality]
+    .venv/bin/python -m benchmarks.quality_report                 # report.md + plots
+    .venv/bin/python -m benchmarks.quality_report --sync README.md --sync docs/results.md
 
 Every number in the report is computed here from OUT/records/*.json; nothing is typed by hand.
+Each table in report.md sits between `<!-- table: NAME -->` and `<!-- end table -->`; `--sync
+FILE` copies the named tables verbatim into FILE's blocks of the same names (README.md holds the
+headline table, docs/results.md the rest), so rerunning it after new records is all it takes.
 The report depends on the grid's declarations (benchmarks/quality.py), never the other way.
 """
 
@@ -395,9 +399,10 @@ def write_report(out: Path, declared: list[Cell] | None = None) -> Path:
         {(r["setting"], r["task"]) for r in records if r["phase"] == "main"},
         key=lambda pair: (pair[0] != "encoder", pair),
     ):
-        lines += main_table(records, setting, task)
-    lines += claims_table(records) + ablation_table(records) + tuning_table(records)
-    lines += cost_table(records)
+        lines += _marked(Path(task).stem, main_table(records, setting, task))
+    lines += _marked("claims", claims_table(records))
+    lines += _marked("ablations", ablation_table(records))
+    lines += _marked("tuning", tuning_table(records)) + _marked("cost", cost_table(records))
     plots = plot_metric_vs_budget(records, out)
     plots += [
         plot_allocation(records, out, s) for s in dict.fromkeys(r["setting"] for r in records)
@@ -474,44 +479,49 @@ def _header(records: list[dict[str, Any]], declared: list[Cell], done: set[str])
     return lines + [""]
 
 
-README_SECTION = ("## Quality: ID3 against the baselines", "## Memory:")
-README_TABLES = 6  # report.md's tables up to and including the ablation table
-_TABLE = re.compile(r"(?:^\|.*\n)+", re.MULTILINE)
+# A named table block in report.md and in the documents it is copied into.
+TABLE_BLOCK = re.compile(
+    r"<!-- table: (?P<name>[\w.+-]+) -->\n(?P<body>.*?)<!-- end table -->", re.DOTALL
+)
 
 
-def sync_readme(readme: Path, report: Path) -> int:
-    """Copy report.md's first README_TABLES tables, verbatim and in order, over the tables of
-    README's quality section; returns how many tables changed.
+def _marked(name: str, section: list[str]) -> list[str]:
+    """A report section (heading, blank, table rows, blank) with its table between the markers
+    `sync_tables` finds by `name`; the heading stays outside, so documents keep their own."""
+    if not section:
+        return []
+    heading, blank, *rows, _ = section
+    return [heading, blank, f"<!-- table: {name} -->", "", *rows, "", "<!-- end table -->", ""]
 
-    Each README table must start with the same header column as the report table replacing it,
-    so a README whose tables were reordered fails loudly instead of being silently scrambled.
+
+def sync_tables(doc: Path, report: Path) -> int:
+    """Copy report.md's tables, verbatim, into `doc`'s table blocks of the same names; returns
+    how many blocks changed (0: `doc` already agrees with the report, and is not rewritten).
+
+    A block naming a table the report lacks, or a `doc` without blocks, fails loudly and leaves
+    `doc` as it was: a table is never dropped or put in the wrong place silently.
     """
     from unmask.files import atomic_write_text
 
-    text = readme.read_text()
-    start = text.index(README_SECTION[0])
-    end = text.index(README_SECTION[1], start)
-    section = text[start:end]
-    new_tables = _TABLE.findall(report.read_text())[:README_TABLES]
-    old = list(_TABLE.finditer(section))[:README_TABLES]
-    if len(old) != README_TABLES or len(new_tables) != README_TABLES:
+    tables = {m["name"]: m["body"] for m in TABLE_BLOCK.finditer(report.read_text())}
+    text = doc.read_text()
+    blocks = list(TABLE_BLOCK.finditer(text))
+    if not blocks:
+        raise SystemExit(f"{doc} has no '<!-- table: NAME -->' ... '<!-- end table -->' blocks")
+    unknown = [m["name"] for m in blocks if m["name"] not in tables]
+    if unknown:
         raise SystemExit(
-            f"expected {README_TABLES} tables in both {readme}'s quality section and {report}, "
-            f"found {len(old)} and {len(new_tables)}"
+            f"{doc} names tables {unknown} that {report} does not have; it has {sorted(tables)}"
         )
-    pieces, last, changed = [], 0, 0
-    for match, table in zip(old, new_tables, strict=True):
-        if match.group().split("|")[1] != table.split("|")[1]:
-            raise SystemExit(
-                f"README table {match.group().splitlines()[0]!r} does not line up with "
-                f"report table {table.splitlines()[0]!r}: reorder the README's tables"
-            )
-        pieces += [section[last : match.start()], table]
-        changed += match.group() != table
-        last = match.end()
-    pieces.append(section[last:])
+    changed = sum(m["body"] != tables[m["name"]] for m in blocks)
     if changed:
-        atomic_write_text(readme, text[:start] + "".join(pieces) + text[end:])
+        atomic_write_text(
+            doc,
+            TABLE_BLOCK.sub(
+                lambda m: f"<!-- table: {m['name']} -->\n{tables[m['name']]}<!-- end table -->",
+                text,
+            ),
+        )
     return changed
 
 
@@ -520,13 +530,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="the grid's output folder")
     parser.add_argument("--grid", choices=("full", "smoke"), default="full")
     parser.add_argument(
-        "--readme", type=Path, default=None, help="also copy the tables into this README"
+        "--sync",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="copy the report's tables into FILE's table blocks (repeatable)",
     )
     args = parser.parse_args(argv)
     declared = full_grid() if args.grid == "full" else smoke_grid(args.out)
     path = write_report(args.out, declared.cells)
-    if args.readme:
-        print(f"{sync_readme(args.readme, path)} README tables changed")
+    for doc in args.sync:
+        print(f"{doc}: {sync_tables(doc, path)} tables changed")
     return 0
 
 
