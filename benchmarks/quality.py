@@ -1,7 +1,7 @@
 """Quality benchmark: ID3 against every baseline, over task x method x budget x seed.
 
     .venv/bin/python -m benchmarks.quality run       # the full grid, resumable
-    .venv/bin/python -m benchmarks.quality report    # markdown table + PNG plots from the records
+    .venv/bin/python -m benchmarks.quality_report    # report.md + PNG plots from the records
     .venv/bin/python -m benchmarks.quality run --grid smoke --out /tmp/q   # tiny, < 1 min
 
 Each cell (one training run) writes one JSON record to OUT/records/<cell id>.json; `run` skips
@@ -817,26 +817,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per cell (default 1: robust when the machine is shared; 0 = torch's)",
     )
     run.add_argument("--list", action="store_true", help="print the cells and their state")
-    report = sub.add_parser("report", help="write report.md and PNG plots from the records")
-    report.add_argument("--out", type=Path, default=RESULTS)
-    report.add_argument("--grid", choices=("full", "smoke"), default="full")
-    report.add_argument(
-        "--readme", type=Path, default=None, help="also copy the tables into this README"
-    )
     cell = sub.add_parser("cell", help=argparse.SUPPRESS)
     cell.add_argument("--out", type=Path, required=True)
     cell.add_argument("payload")
     args = parser.parse_args(argv)
     if args.command == "cell":
         _cell_main(args.out, args.payload)
-        return 0
-    if args.command == "report":
-        from benchmarks.quality_report import sync_readme, write_report
-
-        declared = full_grid() if args.grid == "full" else smoke_grid(args.out)
-        path = write_report(args.out, declared.cells)
-        if args.readme:
-            print(f"{sync_readme(args.readme, path)} README tables changed")
         return 0
     if args.grid == "smoke" and args.out is None:
         parser.error("--grid smoke needs --out (it must not mix with the committed records)")

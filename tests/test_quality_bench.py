@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from benchmarks import quality
-from benchmarks.quality_report import claims_table, sync_readme, write_report
+from benchmarks.quality_report import (
+    TABLE_BLOCK,
+    _marked,
+    claims_table,
+    sync_tables,
+    write_report,
+)
 
 
 @pytest.fixture(scope="module")
@@ -198,30 +204,56 @@ def test_count_zeros_counts_exact_zeros_per_tensor():
     assert count_zeros(model) == {"weights": 15, "zeros": 6, "zeros_per_tensor": {"weight": 6}}
 
 
-def test_committed_readme_tables_are_report_tables(tmp_path):
-    """The README's quality tables must be report.md's, verbatim: a sync of the committed files
-    changes nothing, and a hand edit to a README number is caught and undone."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])
+def test_committed_docs_tables_are_report_tables(tmp_path, doc):
+    """README's headline table and docs/results.md's tables must be report.md's, verbatim: a
+    sync of the committed files changes nothing, and a hand edit to a number is caught and
+    undone."""
     root = Path(__file__).resolve().parents[1]
-    readme = tmp_path / "README.md"
-    readme.write_text((root / "README.md").read_text())
+    copy = tmp_path / Path(doc).name
+    copy.write_text((root / doc).read_text())
     report = root / quality.RESULTS / "report.md"
-    assert sync_readme(readme, report) == 0
-    edited = readme.read_text().replace("| full | – |", "| full | 99.9 |", 1)
-    readme.write_text(edited)
-    assert sync_readme(readme, report) == 1
-    assert readme.read_text() == (root / "README.md").read_text()
+    assert sync_tables(copy, report) == 0
+    edited = copy.read_text().replace("| full | – |", "| full | 99.9 |", 1)
+    assert edited != copy.read_text()
+    copy.write_text(edited)
+    assert sync_tables(copy, report) == 1
+    assert copy.read_text() == (root / doc).read_text()
 
 
-def test_readme_sync_refuses_tables_out_of_order(tmp_path):
+def test_readme_holds_only_the_headline_table():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert [m["name"] for m in TABLE_BLOCK.finditer(readme)] == ["polarity"]
+    assert len(readme.splitlines()) <= 200
+
+
+def test_sync_places_tables_by_name_and_refuses_unknown_names(tmp_path):
     report = tmp_path / "report.md"
-    tables = [f"| {name} | x |\n|---|---|\n| a | {i} |\n" for i, name in enumerate("ABCDEF")]
-    report.write_text("\n".join(tables))
-    readme = tmp_path / "README.md"
-    section = "\n".join([tables[1], tables[0], *tables[2:]])
-    readme.write_text(f"### Quality: ID3 against the baselines\n{section}\n### Memory: x\n")
-    with pytest.raises(SystemExit, match="does not line up"):
-        sync_readme(readme, report)
-    assert readme.read_text().startswith("### Quality")
+    sections = [[f"### {n}", "", f"| {n} | x |", "|---|---|", f"| a | {i} |", ""]
+                for i, n in enumerate("ABCDEF")]  # fmt: skip
+    report.write_text("\n".join(line for i, sec in enumerate(sections)
+                                for line in _marked("ABCDEF"[i], sec)))  # fmt: skip
+
+    def block(name, body="| old |\n"):
+        return f"<!-- table: {name} -->\n{body}<!-- end table -->\n"
+
+    doc = tmp_path / "doc.md"
+    # Blocks in another order than the report's, with prose between: each gets its own table.
+    doc.write_text("intro\n" + block("B") + "prose\n" + block("A") + "end\n")
+    assert sync_tables(doc, report) == 2
+    text = doc.read_text()
+    assert text.index("| B | x |") < text.index("prose") < text.index("| A | x |")
+    assert "| old |" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert sync_tables(doc, report) == 0  # idempotent
+    before = "x\n" + block("A") + block("Z")
+    doc.write_text(before)
+    with pytest.raises(SystemExit, match="does not have"):
+        sync_tables(doc, report)
+    assert doc.read_text() == before  # nothing written
+    doc.write_text("no blocks\n")
+    with pytest.raises(SystemExit, match="no '<!-- table"):
+        sync_tables(doc, report)
 
 
 def test_every_declared_run_has_declared_tuning():
@@ -253,3 +285,17 @@ def test_report_keeps_only_runs_whose_own_budget_tuning_chose_their_rate():
     assert main[1].id not in kept  # 2%'s tuning is not complete: not the 1% rate either
     records[-2]["lr"] = 1e-2
     assert main[0].id not in {r["id"] for r in current(records, tune + main)}
+
+
+def test_the_grid_does_not_import_its_report():
+    """The report reads the grid's declarations; the grid never imports the report (no cycle)."""
+    import ast
+
+    tree = ast.parse(Path(quality.__file__).read_text())
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert not any("quality_report" in (name or "") for name in imported)
