@@ -17,6 +17,7 @@ from typing import Any
 
 from . import METHODS
 from .delta import DeltaError, SparseDelta
+from .files import atomic_write
 from .module_types import layer_index, module_type
 
 EXIT_OK, EXIT_USAGE, EXIT_RESOURCE, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -418,9 +419,7 @@ def _plot(path: Path, by_layer: dict, by_type: dict, log: Path | None) -> None:
         axes[2].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
