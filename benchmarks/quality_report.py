@@ -36,30 +36,12 @@ from benchmarks.quality import (
     tune_budget,
     tuned_lrs,
 )
+from unmask.module_types import ROLES, layer_index, module_role
 
 BUDGET_ORDER = ("1%", "5%", "0.03%", "0.1%", "lora/4", "lora")
 # The allocation plot's budget: 0.1% on the encoder, a quarter of LoRA's count on the decoder,
 # 5% on the smoke grid's tiny model.
 ALLOCATION_BUDGETS = ("0.1%", "lora/4", "5%")
-MODULE_KINDS = (
-    ("head", r"(^|\.)(classifier|score)\."),
-    ("embeddings", r"embeddings|embed_tokens"),
-    ("norm", r"LayerNorm|norm\."),
-    ("attn q", r"query|q_proj"),
-    ("attn k", r"key|k_proj"),
-    ("attn v", r"value|v_proj"),
-    ("attn out", r"attention\.output|o_proj"),
-    ("ffn in", r"intermediate|gate_proj|up_proj"),
-    ("ffn out", r"output\.dense|down_proj"),
-    ("pooler", r"pooler"),
-)
-
-
-def module_kind(name: str) -> str:
-    for kind, pattern in MODULE_KINDS:
-        if re.search(pattern, name):
-            return kind
-    return "other"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -336,16 +318,18 @@ def plot_allocation(records: list[dict], out: Path, setting: str) -> Path | None
     else:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    kinds = [k for k, _ in MODULE_KINDS] + ["other"]
+    # The roles of unmask.module_types that either method changed (a BERT has no "attn qkv").
+    found = {module_role(name) for r in pick.values() for name in r["allocation"]}
+    kinds = [k for k in ROLES if k in found]
     for shift, (method, r) in enumerate(sorted(pick.items())):
         total = sum(r["allocation"].values())
         by_kind: dict[str, int] = defaultdict(int)
         by_layer: dict[int, int] = defaultdict(int)
         for name, count in r["allocation"].items():
-            by_kind[module_kind(name)] += count
-            layer = re.search(r"layers?\.(\d+)\.", name)
-            if layer:
-                by_layer[int(layer.group(1))] += count
+            by_kind[module_role(name)] += count
+            layer = layer_index(name)
+            if layer is not None:
+                by_layer[layer] += count
         xs = range(len(kinds))
         left.bar(
             [x + 0.4 * shift for x in xs],

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import unmask
-import unmask.delta
+import unmask.delta_format
+import unmask.fingerprints
 from unmask import DeltaError, SparseDelta
 
 transformers = pytest.importorskip("transformers")
@@ -689,7 +690,7 @@ def write_crafted(
                 "count": int(tensors["w:indices"].numel()) if "w:indices" in tensors else 0,
                 "shape": SHAPE,
                 "dtype": "float32",
-                "base_sha256": unmask.delta.tensor_hash(torch.zeros(SHAPE)),
+                "base_sha256": unmask.fingerprints.tensor_hash(torch.zeros(SHAPE)),
             }
         ]
     config = {
@@ -806,7 +807,7 @@ def test_failed_save_keeps_the_previous_delta(bert_dense, bert_sparse, tmp_path,
     first.save_pretrained(folder)
     saved = {p.name: p.read_bytes() for p in folder.iterdir()}
 
-    real_save_file = unmask.delta.save_file
+    real_save_file = unmask.delta_format.save_file
 
     def half_then_fail(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)
@@ -814,7 +815,7 @@ def test_failed_save_keeps_the_previous_delta(bert_dense, bert_sparse, tmp_path,
         Path(filename).write_bytes(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(unmask.delta, "save_file", half_then_fail)
+    monkeypatch.setattr(unmask.delta_format, "save_file", half_then_fail)
     _, second = bert_sparse
     with pytest.raises(OSError, match="disk full"):
         second.save_pretrained(folder)
@@ -836,14 +837,14 @@ def test_save_interrupted_between_the_two_renames_keeps_the_previous_delta(
     def crash(path, text):
         raise OSError("power cut")
 
-    monkeypatch.setattr(unmask.delta, "atomic_write_text", crash)
+    monkeypatch.setattr(unmask.delta_format, "atomic_write_text", crash)
     with pytest.raises(OSError, match="power cut"):
         bert_sparse[1].save_pretrained(folder)
     # New tensors file, old config: the kept copy of the old tensors pairs with the old config.
     loaded = load(folder)
     assert loaded.num_weights == bert_dense[1].num_weights and loaded.replace
     # Without that copy the mismatch is refused rather than paired up.
-    (folder / unmask.delta.PREVIOUS_TENSORS_FILE).unlink()
+    (folder / unmask.delta_format.PREVIOUS_TENSORS_FILE).unlink()
     with pytest.raises(DeltaError, match=r"sha256 differs"):
         load(folder)
 

@@ -13,13 +13,12 @@ from transformers import Trainer, TrainingArguments
 import unmask
 from unmask.integrations.trainer import (
     DELTA_DIRNAME,
-    TELEMETRY_TYPES,
     UnmaskCallback,
     UnmaskTrainer,
     make_optimizer,
-    module_type,
     unwrap_optimizer,
 )
+from unmask.module_types import MODULE_TYPES
 
 # transformers' Trainer and TrainingArguments need accelerate (a pinned test dependency).
 accelerate = pytest.importorskip("accelerate", reason="Trainer needs accelerate")
@@ -96,7 +95,7 @@ def test_trainer_id3_follows_schedule_saves_deltas_and_logs(tmp_path):
         assert entry["unmask/num_selected"] == schedule.cumulative(entry["step"] - 1, budget, STEPS)
         assert entry["unmask/num_changed"] == entry["unmask/num_selected"]
         assert entry["unmask/budget"] == budget
-        alloc = [entry[f"unmask/alloc/{t}"] for t in TELEMETRY_TYPES]
+        alloc = [entry[f"unmask/alloc/{t}"] for t in MODULE_TYPES]
         assert sum(alloc) == entry["unmask/num_changed"]
 
     # Deltas in every checkpoint and at the end; each reproduces the weights of its step.
@@ -280,34 +279,6 @@ def test_misspelt_method_fails_at_construction(tmp_path):
             args=training_args(tmp_path),
             unmask_config=dict(method="id4", budget=10),
         )
-
-
-@pytest.mark.parametrize(
-    ("name", "kind"),
-    [
-        ("bert.embeddings.word_embeddings.weight", "embeddings"),
-        ("bert.embeddings.LayerNorm.weight", "norm"),
-        ("bert.encoder.layer.0.attention.self.query.weight", "attention"),
-        ("bert.encoder.layer.0.attention.output.dense.bias", "attention"),
-        ("bert.encoder.layer.0.intermediate.dense.weight", "mlp"),
-        ("bert.encoder.layer.0.output.dense.weight", "mlp"),
-        ("bert.encoder.layer.1.output.LayerNorm.bias", "norm"),
-        ("bert.pooler.dense.weight", "head"),
-        ("classifier.weight", "head"),
-        ("model.embed_tokens.weight", "embeddings"),
-        ("model.layers.0.self_attn.o_proj.weight", "attention"),
-        ("model.layers.0.mlp.down_proj.weight", "mlp"),
-        ("model.layers.0.post_attention_layernorm.weight", "norm"),
-        ("model.norm.weight", "norm"),
-        ("lm_head.weight", "head"),
-        ("transformer.h.0.ln_1.weight", "norm"),
-        ("base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight", "attention"),
-        ("base_model.model.classifier.modules_to_save.default.weight", "head"),
-        ("some.unknown.tensor", "other"),
-    ],
-)
-def test_module_type(name, kind):
-    assert module_type(name) == kind
 
 
 def test_accelerate_prepare_matches_plain_loop():

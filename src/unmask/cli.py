@@ -17,6 +17,8 @@ from typing import Any
 
 from . import METHODS
 from .delta import DeltaError, SparseDelta
+from .files import atomic_write
+from .module_types import layer_index, module_type
 
 EXIT_OK, EXIT_USAGE, EXIT_RESOURCE, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
@@ -357,7 +359,7 @@ def _inspect(args: argparse.Namespace) -> int:
     by_type: dict[str, int] = defaultdict(int)
     for name, count in delta.allocation().items():
         by_layer[_layer_of(name)] += count
-        by_type[_module_type(name)] += count
+        by_type[module_type(name)] += count
     total = delta.num_weights
     print(
         f"{total:,} weights changed ({delta.metadata.get('method')}, budget "
@@ -374,34 +376,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _layer_of(name: str) -> str:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("layer", "layers", "h", "blocks") and parts[i + 1].isdigit():
-            return f"layer {int(parts[i + 1]):02d}"
+    index = layer_index(name)
+    if index is not None:
+        return f"layer {index:02d}"
     if "embed" in name:
         return "embeddings"
     return "head/other"
-
-
-def _module_type(name: str) -> str:
-    lowered = name.lower()
-    for key, label in (
-        ("lora_", "lora"),
-        ("embed", "embeddings"),
-        ("norm", "norm"),
-        ("attention", "attention"),
-        ("self_attn", "attention"),
-        ("mlp", "mlp"),
-        ("intermediate", "mlp"),
-        ("output.dense", "mlp"),
-        ("classifier", "head"),
-        ("score", "head"),
-        ("pooler", "pooler"),
-        ("lm_head", "head"),
-    ):
-        if key in lowered:
-            return label
-    return "other"
 
 
 def _natural(key: str) -> tuple:
@@ -439,9 +419,7 @@ def _plot(path: Path, by_layer: dict, by_type: dict, log: Path | None) -> None:
         axes[2].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

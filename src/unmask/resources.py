@@ -36,7 +36,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .files import file_sha256
+from .files import atomic_write, file_sha256
 
 CACHE_ENV = "UNMASK_CACHE"
 PIP_TIMEOUT_S = 1800
@@ -182,7 +182,9 @@ def fetch(name: str) -> Path:
                 f"{art.sha256}, got {digest}. The index served a different file; refusing to "
                 f"use it. {manual}"
             )
-        os.replace(got, target)
+        # Moved into atomic_write's temporary file rather than copied: the file is flushed to
+        # disk and gets the umask's permissions before it appears under its pinned name.
+        atomic_write(target, lambda tmp: os.replace(got, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

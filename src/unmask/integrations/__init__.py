@@ -15,14 +15,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# name -> the module that defines it, relative to the `unmask` package
 _EXPORTS = {
-    "UnmaskCallback": "trainer",
-    "UnmaskTrainer": "trainer",
-    "make_optimizer": "trainer",
-    "module_type": "trainer",
-    "telemetry": "trainer",
-    "unwrap_optimizer": "trainer",
-    "peft_candidates": "peft",
+    "UnmaskCallback": ".integrations.trainer",
+    "UnmaskTrainer": ".integrations.trainer",
+    "make_optimizer": ".integrations.trainer",
+    "module_type": ".module_types",
+    "telemetry": ".integrations.trainer",
+    "unwrap_optimizer": ".integrations.trainer",
+    "peft_candidates": ".integrations.peft",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -31,5 +32,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    module = importlib.import_module(_EXPORTS[name], package="unmask")
     return getattr(module, name)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..delta import SparseDelta
 from ..methods import make_method
+from ..module_types import MODULE_TYPES, module_type
 from ..optimizer import SelectiveOptimizer
 from ..sharding import world_size
 
@@ -55,35 +55,6 @@ TRAINER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop,
 }
 
-# Module types of the allocation telemetry, tried in this order; the first match wins, so
-# `attention.output.LayerNorm` is a norm and `classifier.modules_to_save.default` is the head.
-MODULE_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("norm", re.compile(r"norm|(^|\.)ln(_\w+)?\.", re.IGNORECASE)),
-    ("embeddings", re.compile(r"embed|(^|\.)(wte|wpe|shared)\.")),
-    ("head", re.compile(r"classifier|lm_head|(^|\.)(score|pooler|qa_outputs|cls)\.")),
-    ("attention", re.compile(r"attn|attention|(^|\.)(q|k|v|o|qkv)_proj\.|(query|key|value)\.")),
-    (
-        "mlp",
-        re.compile(
-            r"mlp|intermediate|feed_forward|ffn|(^|\.)(fc\d|w[123]|gate_proj|up_proj|down_proj)\."
-            r"|(^|\.)output\.dense\."
-        ),
-    ),
-)
-TELEMETRY_TYPES = tuple(t for t, _ in MODULE_TYPES) + ("other",)
-
-
-def module_type(name: str) -> str:
-    """Coarse type of a parameter, from its name: norm, embeddings, head, attention, mlp, other.
-
-    Works for BERT-, Llama- and GPT-2-style names and for peft's wrapped names
-    (``...self_attn.q_proj.lora_A.default.weight`` is attention).
-    """
-    for kind, pattern in MODULE_TYPES:
-        if pattern.search(name):
-            return kind
-    return "other"
-
 
 def unwrap_optimizer(optimizer: Any) -> SelectiveOptimizer | None:
     """The SelectiveOptimizer inside `optimizer` (e.g. an AcceleratedOptimizer), or None."""
@@ -100,15 +71,16 @@ def telemetry(optimizer: SelectiveOptimizer) -> dict[str, int]:
     unmask/num_selected  weights trained in the current step
     unmask/num_changed   weights that may differ from the pretrained model (dense ones included)
     unmask/budget        the budget B (dense weights included when they count against it)
-    unmask/alloc/<type>  changed weights per module type (see `module_type`); every type is
-                         always present, so loggers get stable columns
+    unmask/alloc/<type>  changed weights per module type (`unmask.module_types.module_type`:
+                         embeddings, attention, mlp, norm, pooler, head, other); every type
+                         is always present, so loggers get stable columns
     """
     logs = {
         "unmask/num_selected": optimizer.num_selected,
         "unmask/num_changed": optimizer.num_changed,
         "unmask/budget": optimizer.total_budget,
     }
-    by_type = dict.fromkeys(TELEMETRY_TYPES, 0)
+    by_type = dict.fromkeys(MODULE_TYPES, 0)
     for name, count in optimizer.allocation().items():
         by_type[module_type(name)] += count
     logs.update({f"unmask/alloc/{kind}": count for kind, count in by_type.items()})

@@ -1,0 +1,64 @@
+"""Every file the package writes goes through `unmask.files.atomic_write`, so it follows the
+process umask like a plain open() and no temporary file is left next to it."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import tiny_bert
+
+import unmask
+from unmask import resources
+from unmask.cli import main
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_fetched_artifact_follows_the_umask(tmp_path, monkeypatch, mask):
+    monkeypatch.setenv(resources.CACHE_ENV, str(tmp_path))
+    data = b"wheel bytes"
+    art = resources.Artifact(
+        requirement="pkg==1.0",
+        filename="pkg-1.0-py3-none-any.whl",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+    )
+    monkeypatch.setitem(resources.ARTIFACTS, "pkg", art)
+
+    def download(artifact: resources.Artifact, dest: Path) -> None:
+        path = dest / artifact.filename
+        path.write_bytes(data)
+        os.chmod(path, 0o600)  # a downloader that keeps its files private
+
+    monkeypatch.setattr(resources, "_pip_download", download)
+    with umask(mask):
+        target = resources.fetch("pkg")
+    assert target.read_bytes() == data
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == [art.filename]
+
+
+def test_inspect_plot_follows_the_umask(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    opt = unmask.SelectiveOptimizer(tiny_bert(), method="full", total_steps=1, lr=1e-3)
+    opt.delta().save_pretrained(tmp_path / "delta")
+    plot = tmp_path / "plots" / "budget.png"
+    with umask(0o027):
+        assert main(["inspect", str(tmp_path / "delta"), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stat.S_IMODE(plot.stat().st_mode) == 0o640
+    assert [p.name for p in plot.parent.iterdir()] == ["budget.png"]
