@@ -1,4 +1,5 @@
-"""What every benchmark shares: a child process per measured run, its peak RSS, results files.
+"""What every benchmark shares: the training loop, a child process per measured run, its peak
+RSS, results files.
 
 A benchmark measures each variant in a fresh interpreter (``python -m benchmarks.NAME --child``)
 that prints one result line, so that its peak RSS is its own. This module imports only the
@@ -17,10 +18,53 @@ import platform
 import resource
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainingLog:
+    """One entry per step: its loss, the whole step's seconds and `optimizer.step()`'s."""
+
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    optimizer_seconds: list[float] = field(default_factory=list)
+
+
+def train(
+    model: Any,
+    optimizer: Any,
+    batches: Iterable[dict[str, Any]],
+    after_backward: Callable[[], None] | None = None,
+) -> TrainingLog:
+    """One step per batch, in order: ``model(**batch).loss``, backward, step, zero_grad.
+
+    The benchmarks' one training loop. A batch is drawn from `batches` before its step's clock
+    starts, so tokenising it lazily is not timed. A step's seconds run from the forward to the
+    end of ``zero_grad()``; `after_backward` is called within them, between backward and step,
+    while the gradients are at their largest. The model's mode (train/eval) is the caller's.
+    """
+    log = TrainingLog()
+    for batch in batches:
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        t1 = time.perf_counter()
+        optimizer.step()
+        t2 = time.perf_counter()
+        optimizer.zero_grad()
+        t3 = time.perf_counter()
+        log.step_seconds.append(t3 - t0)
+        log.optimizer_seconds.append(t2 - t1)
+        log.losses.append(loss.item())
+    return log
 
 
 def peak_rss_mb() -> float:

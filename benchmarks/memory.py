@@ -77,6 +77,7 @@ from benchmarks.harness import (
     peak_rss_mb,
     run_child,
     tensor_bytes,
+    train,
     write_text,
 )
 
@@ -275,28 +276,23 @@ def run_variant(variant: str, cfg: Config) -> dict[str, Any]:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rss_before_steps = peak_rss_mb()
 
-    step_s: list[float] = []
-    losses: list[float] = []
     grad_bytes = 0
-    for batch in batches:
-        t0 = time.perf_counter()
-        if opt is None:
-            with torch.no_grad():
-                loss = model(**batch).loss
-        else:
-            loss = model(**batch).loss
-            loss.backward()
+    if opt is None:
+        step_s, losses = forward_only(model, batches)
+    else:
+
+        def held_gradient_bytes() -> None:
             # Gradients held at their largest, i.e. between backward and zero_grad; the loop
             # over parameters is cheap next to a step and measured the same way for all.
+            nonlocal grad_bytes
             grad_bytes = sum(
                 p.grad.numel() * p.grad.element_size()
                 for p in model.parameters()
                 if p.grad is not None
             )
-            opt.step()
-            opt.zero_grad()
-        step_s.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+
+        log = train(model, opt, batches, after_backward=held_gradient_bytes)
+        step_s, losses = log.step_seconds, log.losses
 
     result.update(
         {
@@ -320,6 +316,20 @@ def run_variant(variant: str, cfg: Config) -> dict[str, Any]:
         }
     )
     return result
+
+
+def forward_only(model: Any, batches: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """(seconds, loss) of each batch's forward under ``torch.no_grad()``: the memory floor."""
+    import torch
+
+    seconds, losses = [], []
+    for batch in batches:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            loss = model(**batch).loss
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return seconds, losses
 
 
 def child_main(variant: str, cfg: Config) -> int:

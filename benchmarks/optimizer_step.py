@@ -57,7 +57,6 @@ import re
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +70,7 @@ from benchmarks.harness import (
     peak_rss_mb,
     run_child,
     tensor_bytes,
+    train,
     write_text,
 )
 
@@ -239,21 +239,12 @@ def run_variant(variant: str, cfg: Config) -> dict[str, Any]:
     opt = built.optimizer
     rss_before_training = peak_rss_mb()
 
-    opt_step_s: list[float] = []
-    train_step_s: list[float] = []
-    losses: list[float] = []
-    for i in range(cfg.steps):
-        t0 = time.perf_counter()
-        loss = model(input_ids=input_ids[i], attention_mask=attention_mask, labels=labels[i]).loss
-        loss.backward()
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        opt.zero_grad()
-        t3 = time.perf_counter()
-        opt_step_s.append(t2 - t1)
-        train_step_s.append(t3 - t0)
-        losses.append(loss.item())
+    batches = (
+        {"input_ids": input_ids[i], "attention_mask": attention_mask, "labels": labels[i]}
+        for i in range(cfg.steps)
+    )
+    log = train(model, opt, batches)
+    opt_step_s, train_step_s, losses = log.optimizer_seconds, log.step_seconds, log.losses
 
     measured = slice(cfg.warmup, None)
     return {

@@ -309,6 +309,7 @@ def run_cell(
         torch.set_num_threads(threads)
 
     import unmask
+    from benchmarks.harness import train
     from unmask.tasks import load_task
     from unmask.train import batch_order, encode, evaluate, load_model
 
@@ -331,16 +332,7 @@ def run_cell(
     started = time.perf_counter()
     if trainer.selective is not None and trainer.selective.method.needs_calibration:
         trainer.selective.calibrate(batch(idx) for idx in order[:8])
-    step_times, losses = [], []
-    for idx in order:
-        inputs = batch(idx)
-        t0 = time.perf_counter()
-        loss = trainer.model(**inputs).loss
-        loss.backward()
-        trainer.opt.step()
-        trainer.opt.zero_grad()
-        step_times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+    log = train(trainer.model, trainer.opt, (batch(idx) for idx in order))
     train_seconds = time.perf_counter() - started
     examples = task.test if cell.split == "test" else task.validation
     metric = evaluate(
@@ -366,9 +358,9 @@ def run_cell(
         "budget_weights": trainer.budget_weights,
         "weights_changed": trainer.weights_changed,
         "weights_total": total_weights,
-        "train_loss_last10": statistics.fmean(losses[-10:]),
+        "train_loss_last10": statistics.fmean(log.losses[-10:]),
         "train_seconds": round(train_seconds, 2),
-        "step_seconds_median": round(statistics.median(step_times), 4),
+        "step_seconds_median": round(statistics.median(log.step_seconds), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "delta_bytes": delta_bytes,
         "allocation": trainer.allocation(),
