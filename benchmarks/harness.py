@@ -1,5 +1,5 @@
-"""What every benchmark shares: the training loop, a child process per measured run, its peak
-RSS, results files.
+"""What every benchmark shares: the training loop, the LoRA builder, a child process per
+measured run, its peak RSS, results files.
 
 A benchmark measures each variant in a fresh interpreter (``python -m benchmarks.NAME --child``)
 that prints one result line, so that its peak RSS is its own. This module imports only the
@@ -65,6 +65,26 @@ def train(
         log.optimizer_seconds.append(t2 - t1)
         log.losses.append(loss.item())
     return log
+
+
+def with_lora(model: Any, targets: Iterable[str], classifier: bool, rank: int = 8) -> Any:
+    """`model` wrapped by peft LoRA of `rank` (alpha 2 x rank, no dropout), for training.
+
+    Adapts every module whose last name part is one of `targets` (e.g. "query", "value",
+    "q_proj", "v_proj"; names the model lacks are ignored). `classifier`: peft's SEQ_CLS task
+    type, which also trains a copy of the classification head; else CAUSAL_LM.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=sorted(names & set(targets)),
+        task_type="SEQ_CLS" if classifier else "CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 def peak_rss_mb() -> float:

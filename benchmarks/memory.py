@@ -78,6 +78,7 @@ from benchmarks.harness import (
     run_child,
     tensor_bytes,
     train,
+    with_lora,
     write_text,
 )
 
@@ -108,8 +109,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 # LoRA's attention query and value projections, by model family.
 LORA_TARGETS = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
-LORA_R = 8
-LORA_ALPHA = 16
+LORA_R = 8  # lora_alpha is 2 x r = 16 (benchmarks.harness.with_lora)
 
 
 @dataclass(frozen=True)
@@ -209,21 +209,16 @@ def build_optimizer(variant: str, model: Any, cfg: Config) -> tuple[Any, Any, di
     if variant == LORA:
         import peft
 
-        # task_type makes peft train a copy of the classification head (BERT) as a user would;
-        # it adds 770 weights, nothing for the tied Llama head.
-        lora_config = peft.LoraConfig(
-            r=LORA_R,
-            lora_alpha=LORA_ALPHA,
-            lora_dropout=0.0,
-            target_modules=LORA_TARGETS[cfg.model],
-            task_type="SEQ_CLS" if cfg.model == "minilm" else "CAUSAL_LM",
+        # The classifier task type makes peft train a copy of the classification head (BERT)
+        # as a user would; it adds 770 weights, nothing for the tied Llama head.
+        model = with_lora(
+            model, LORA_TARGETS[cfg.model], classifier=cfg.model == "minilm", rank=LORA_R
         )
-        model = peft.get_peft_model(model, lora_config)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr)
         info = {
             "r": LORA_R,
-            "lora_alpha": LORA_ALPHA,
+            "lora_alpha": 2 * LORA_R,
             "target_modules": LORA_TARGETS[cfg.model],
             "peft_version": peft.__version__,
         }

@@ -417,7 +417,9 @@ class _Trainer:
         )
         self.selective: SelectiveOptimizer | None = None
         if method in ("lora", "id3+lora", "pafi+lora"):
-            model = _with_lora(model, bool(heads))
+            from benchmarks.harness import with_lora
+
+            model = with_lora(model, LORA_TARGETS, classifier=bool(heads), rank=LORA_RANK)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if method == "head-only":
@@ -509,20 +511,6 @@ class _Trainer:
             save_file(trained, folder / "trained.safetensors")
             files = [folder / "trained.safetensors"]
         return sum(f.stat().st_size for f in files)
-
-
-def _with_lora(model, has_head: bool):
-    from peft import LoraConfig, get_peft_model
-
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    config = LoraConfig(
-        r=LORA_RANK,
-        lora_alpha=2 * LORA_RANK,
-        lora_dropout=0.0,
-        target_modules=sorted(names & set(LORA_TARGETS)),
-        task_type="SEQ_CLS" if has_head else "CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
 
 
 def _git_commit() -> str | None:
