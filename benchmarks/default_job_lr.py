@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from unmask.files import atomic_write_text
-from unmask.train import TrainConfig, run
+from unmask.train import run
+from unmask.train_config import TrainConfig
 
 
 def main() -> None:

@@ -310,8 +310,10 @@ def run_cell(
 
     import unmask
     from benchmarks.harness import train
+    from unmask.models import load_model
     from unmask.tasks import load_task
-    from unmask.train import batch_order, encode, evaluate, load_model
+    from unmask.tasks.batches import batch_order, encode
+    from unmask.tasks.evaluation import evaluate
 
     lr = cell.lr if cell.lr is not None else tuned_lr
     if lr is None:
@@ -378,7 +380,7 @@ def lora_weight_count(model) -> int:
     """Weights LoRA r8 trains on `model`: A and B of each targeted Linear, plus any new head."""
     from torch import nn
 
-    from unmask.train import new_head_patterns
+    from unmask.models import new_head_patterns
 
     heads = tuple(p.strip("^\\.") + "." for p in new_head_patterns(model))
     count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
@@ -408,7 +410,7 @@ class _Trainer:
 
         from unmask import SelectiveOptimizer
         from unmask.integrations.peft import peft_candidates
-        from unmask.train import new_head_patterns
+        from unmask.models import new_head_patterns
 
         method = cell.method
         heads = new_head_patterns(model)
