@@ -11,6 +11,7 @@ it, in the child, or in the parent only after its last child has finished.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -176,6 +177,26 @@ def machine_info(results: dict[str, dict[str, Any]], baseline: str) -> dict[str,
         "torch_versions": torch_versions,
         "git_commit": commit,
     }
+
+
+def check_run_length(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error unless 0 <= --warmup < --steps <= --total-steps."""
+    if args.total_steps < args.steps:
+        parser.error("need --total-steps >= --steps")
+    if not 0 <= args.warmup < args.steps:
+        parser.error("need 0 <= --warmup < --steps")
+
+
+def chosen_variants(
+    parser: argparse.ArgumentParser, text: str, variants: tuple[str, ...]
+) -> list[str]:
+    """The variants named in the comma list `text`, in `variants`' order (the order they run);
+    a usage error if it names none or one that is not in `variants`."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(variants))
+    if unknown or not names:
+        parser.error(f"unknown or no variants: {unknown}; choose from {', '.join(variants)}")
+    return [v for v in variants if v in names]
 
 
 def fmt(value: float | None, spec: str) -> str:

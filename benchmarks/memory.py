@@ -70,6 +70,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import (
+    check_run_length,
+    chosen_variants,
     default_heads,
     emit_result,
     fmt,
@@ -545,15 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, preset[name])
     if args.hidden % args.heads or args.heads % args.kv_heads:
         p.error("need --hidden divisible by --heads, and --heads by --kv-heads")
-    if not 0 <= args.warmup < args.steps:
-        p.error("need 0 <= --warmup < --steps")
-    if args.total_steps < args.steps:
-        p.error("need --total-steps >= --steps")
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or not names:
-        p.error(f"unknown or no variants: {unknown}; choose from {', '.join(VARIANTS)}")
-    args.variants = [v for v in VARIANTS if v in names]
+    check_run_length(p, args)
+    args.variants = chosen_variants(p, args.variants, VARIANTS)
     return args
 
 

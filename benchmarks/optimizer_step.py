@@ -63,6 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import (
+    check_run_length,
+    chosen_variants,
     default_heads,
     emit_result,
     fmt,
@@ -414,15 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.intermediate = 4 * args.hidden
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
-    if args.total_steps < args.steps:
-        p.error("need --total-steps >= --steps")
-    if not 0 <= args.warmup < args.steps:
-        p.error("need 0 <= --warmup < --steps")
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or not names:
-        p.error(f"unknown or no variants: {unknown}; choose from {', '.join(VARIANTS)}")
-    args.variants = [v for v in VARIANTS if v in names]
+    check_run_length(p, args)
+    args.variants = chosen_variants(p, args.variants, VARIANTS)
     return args
 
 
