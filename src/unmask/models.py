@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_model(name: str, task: Task):
+def load_model(name: str, task: Task) -> tuple[Any, Any]:
     """(model, tokenizer) for `task`: a sequence classifier or a causal LM, in fp32."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -45,7 +46,7 @@ def load_model(name: str, task: Task):
     return model, tokenizer
 
 
-def new_head_patterns(model) -> list[str]:
+def new_head_patterns(model: torch.nn.Module) -> list[str]:
     """Parameters that from_pretrained initialised at random: trained dense, saved whole."""
     names = [n for n, _ in model.named_parameters()]
     return [

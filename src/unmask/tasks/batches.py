@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 
 from .task import Task
 
 
-def encode(tokenizer, task: Task, examples: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+def encode(
+    tokenizer: Any, task: Task, examples: list[dict], max_length: int
+) -> dict[str, torch.Tensor]:
     """Tokenised batch: classification labels, or LM labels masked to the answer tokens only."""
     if task.kind == "classification":
         enc = tokenizer(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .batches import encode
@@ -10,8 +12,8 @@ from .task import Task
 
 @torch.no_grad()
 def evaluate(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     task: Task,
     examples: list[dict],
     batch_size: int,
