@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import train, with_lora
+
 RESULTS = Path("benchmarks/results/quality")
 
 ENCODER_METHODS = (
@@ -309,7 +311,6 @@ def run_cell(
         torch.set_num_threads(threads)
 
     import unmask
-    from benchmarks.harness import train
     from unmask.models import load_model
     from unmask.tasks import load_task
     from unmask.tasks.batches import batch_order, encode
@@ -419,8 +420,6 @@ class _Trainer:
         )
         self.selective: SelectiveOptimizer | None = None
         if method in ("lora", "id3+lora", "pafi+lora"):
-            from benchmarks.harness import with_lora
-
             model = with_lora(model, LORA_TARGETS, classifier=bool(heads), rank=LORA_RANK)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
