@@ -5,7 +5,7 @@ rate with evaluation on the 400-sentence validation split, and adds one record p
 (records of other methods and rates are kept; a record without a method is ID3's). The best
 method and rate become the defaults of `unmask train` (`TrainConfig.method`, `TrainConfig.lr`).
 
-    .venv/bin/python benchmarks/default_job_lr.py --method id3-snr --lrs 3e-3,1e-2,3e-2 \
+    .venv/bin/python -m benchmarks.default_job_lr --method id3-snr --lrs 3e-3,1e-2,3e-2 \
         --out benchmarks/results/default_job_lr.json
 """
 
@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from unmask.files import atomic_write_text
-from unmask.train import TrainConfig, run
+from unmask.train import run
+from unmask.train_config import TrainConfig
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ How to run
 ----------
 Full benchmark (about 23M weights; a few minutes on 2 cores)::
 
-    .venv/bin/python benchmarks/optimizer_step.py --out runs/optimizer_step \\
+    .venv/bin/python -m benchmarks.optimizer_step --out runs/optimizer_step \\
         --python-for-baseline /path/to/venv-with-selective-optimizers/bin/python
 
 The toolkit is best kept out of the project's environment; ``--python-for-baseline`` names
@@ -41,7 +41,7 @@ needs torch, transformers and ``selective-optimizers==0.4``.
 
 Quick smoke run::
 
-    .venv/bin/python benchmarks/optimizer_step.py --steps 3 --warmup 1 --layers 1 --hidden 64
+    .venv/bin/python -m benchmarks.optimizer_step --steps 3 --warmup 1 --layers 1 --hidden 64
 
 With ``--out DIR`` the results are also written to ``DIR/optimizer_step.json`` and
 ``DIR/optimizer_step.md``.
@@ -52,21 +52,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
-import platform
 import re
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import (
+    check_run_length,
+    chosen_variants,
+    default_heads,
+    emit_result,
+    fmt,
+    machine_info,
+    peak_rss_mb,
+    run_child,
+    tensor_bytes,
+    train,
+    write_text,
+)
 
 VARIANTS = ("adamw", "unmask-id3", "unmask-id3-global", "selective-optimizers")
 BASELINE = "adamw"
@@ -75,11 +83,9 @@ RESULT_MARKER = "OPTIMIZER_STEP_RESULT "
 # unmask's default score_eps; the toolkit's own default is 1e-8.
 TOOLKIT_SCORE_EPS = 1e-3
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Deliberately no torch or transformers import at module level: the parent process must stay
-# small. On Linux a child's ru_maxrss starts from the high-water mark of the image it was
-# forked from, so a parent holding torch would inflate every child's peak RSS.
+# small (see benchmarks.harness).
 
 
 @dataclass(frozen=True)
@@ -106,11 +112,6 @@ class Config:
 # --------------------------------------------------------------------------- child side
 
 
-def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS; this benchmark targets Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def resolve_budget(budget: str, num_weights: int) -> int:
     """Turn "0.1%", "0.001", "5000" or "100K" into a number of weights out of `num_weights`.
 
@@ -132,29 +133,6 @@ def resolve_budget(budget: str, num_weights: int) -> int:
     return count
 
 
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor reachable in nested dicts/lists/tuples of `obj`."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _import_unmask() -> Any:
-    try:
-        import unmask
-    except ImportError:
-        # A plain checkout without `pip install -e .` still benchmarks its own source.
-        sys.path.insert(0, str(REPO_ROOT / "src"))
-        import unmask
-    return unmask
-
-
 @dataclass
 class Built:
     """An optimizer plus how to read its state size and selection count."""
@@ -173,13 +151,14 @@ def build_optimizer(variant: str, model: Any, cfg: Config, budget_weights: int) 
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         return Built(
             opt,
-            lambda: _tensor_bytes(list(opt.state.values())),
+            lambda: tensor_bytes(list(opt.state.values())),
             lambda: None,
             {"weight_decay": opt.defaults["weight_decay"]},
         )
 
     if variant in ("unmask-id3", "unmask-id3-global"):
-        unmask = _import_unmask()
+        import unmask
+
         adam_step = "global" if variant == "unmask-id3-global" else "per-weight"
         opt = unmask.SelectiveOptimizer(
             model,
@@ -217,7 +196,7 @@ def build_optimizer(variant: str, model: Any, cfg: Config, budget_weights: int) 
 
         def toolkit_state_bytes() -> int:
             masks = [g.get("chosen_masks", []) for g in opt.param_groups]
-            return _tensor_bytes(list(opt.state.values())) + _tensor_bytes(masks)
+            return tensor_bytes(list(opt.state.values())) + tensor_bytes(masks)
 
         return Built(
             opt,
@@ -260,30 +239,21 @@ def run_variant(variant: str, cfg: Config) -> dict[str, Any]:
 
     built = build_optimizer(variant, model, cfg, budget_weights)
     opt = built.optimizer
-    rss_before_training = _peak_rss_mb()
+    rss_before_training = peak_rss_mb()
 
-    opt_step_s: list[float] = []
-    train_step_s: list[float] = []
-    losses: list[float] = []
-    for i in range(cfg.steps):
-        t0 = time.perf_counter()
-        loss = model(input_ids=input_ids[i], attention_mask=attention_mask, labels=labels[i]).loss
-        loss.backward()
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        opt.zero_grad()
-        t3 = time.perf_counter()
-        opt_step_s.append(t2 - t1)
-        train_step_s.append(t3 - t0)
-        losses.append(loss.item())
+    batches = (
+        {"input_ids": input_ids[i], "attention_mask": attention_mask, "labels": labels[i]}
+        for i in range(cfg.steps)
+    )
+    log = train(model, opt, batches)
+    opt_step_s, train_step_s, losses = log.optimizer_seconds, log.step_seconds, log.losses
 
     measured = slice(cfg.warmup, None)
     return {
         "median_opt_step_s": statistics.median(opt_step_s[measured]),
         "median_train_step_s": statistics.median(train_step_s[measured]),
         "optimizer_state_bytes": built.state_bytes(),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "peak_rss_before_training_mb": rss_before_training,
         "num_selected": built.num_selected(),
         "budget": cfg.budget,
@@ -311,42 +281,29 @@ def child_main(variant: str, cfg: Config) -> int:
         try:
             import selective_optimizers.wrap  # noqa: F401
         except Exception as exc:  # any import-time failure means "cannot run the toolkit"
-            _emit({"skipped": f"cannot import selective_optimizers with {sys.executable}: {exc!r}"})
+            why = f"cannot import selective_optimizers with {sys.executable}: {exc!r}"
+            emit_result(RESULT_MARKER, {"skipped": why})
             return 0
     # Libraries that print (the toolkit does) must not corrupt the result line on stdout.
     with contextlib.redirect_stdout(sys.stderr):
         result = run_variant(variant, cfg)
-    _emit(result)
+    emit_result(RESULT_MARKER, result)
     return 0
-
-
-def _emit(result: dict[str, Any]) -> None:
-    sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
-    sys.stdout.flush()
 
 
 # -------------------------------------------------------------------------- parent side
 
 
-def run_child(variant: str, cfg: Config, python: str, timeout_s: float) -> dict[str, Any]:
+def run_variant_in_child(
+    variant: str, cfg: Config, python: str, timeout_s: float
+) -> dict[str, Any]:
     """Run one variant in a fresh interpreter and return its parsed result."""
     if variant == TOOLKIT and not (os.path.isfile(python) and os.access(python, os.X_OK)):
         return {"skipped": f"interpreter {python!r} for the toolkit is not an executable file"}
-    cmd = [python, str(Path(__file__).resolve()), "--child", variant, *_config_args(cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     print(f"[optimizer_step] running {variant} ({python})", file=sys.stderr, flush=True)
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"child timed out after {timeout_s:.0f} s"}
-    sys.stderr.write(proc.stderr)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
-        last = proc.stderr.strip().splitlines()[-1:] or ["no output on stderr"]
-        return {"error": f"child exited with status {proc.returncode}: {last[0]}"}
-    return json.loads(lines[-1][len(RESULT_MARKER) :])
+    args = ["--child", variant, *_config_args(cfg)]
+    module = "benchmarks.optimizer_step"
+    return run_child(module, args, RESULT_MARKER, cfg.threads, timeout_s, python)
 
 
 def _config_args(cfg: Config) -> list[str]:
@@ -367,40 +324,6 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
         for ratio, key in pairs.items():
             denominator = base.get(key)
             result[ratio] = result[key] / denominator if denominator else None
-
-
-def machine_info(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Describe where the run happened; torch's version comes from the children."""
-    try:
-        commit: str | None = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    torch_versions = {
-        name: r["torch_version"] for name, r in results.items() if "torch_version" in r
-    }
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch_version": torch_versions.get(BASELINE) or next(iter(torch_versions.values()), None),
-        "torch_versions": torch_versions,
-        "git_commit": commit,
-    }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return (
-        "n/a"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else format(value, spec)
-    )
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -433,37 +356,17 @@ def markdown_report(report: dict[str, Any]) -> str:
         selected_text = "-" if selected is None else f"{selected:,} / {budget_weights:,}"
         lines.append(
             f"| {name} "
-            f"| {_fmt(r['median_opt_step_s'] * 1e3, '.2f')} "
-            f"| {_fmt(r.get('ratio_opt_step_vs_adamw'), '.3f')} "
-            f"| {_fmt(r['median_train_step_s'] * 1e3, '.1f')} "
-            f"| {_fmt(r.get('ratio_train_step_vs_adamw'), '.3f')} "
-            f"| {_fmt(r['optimizer_state_bytes'] / 1e6, '.3f')} "
-            f"| {_fmt(r.get('state_ratio_vs_adamw'), '.4f')} "
-            f"| {_fmt(r['peak_rss_mb'], '.0f')} "
+            f"| {fmt(r['median_opt_step_s'] * 1e3, '.2f')} "
+            f"| {fmt(r.get('ratio_opt_step_vs_adamw'), '.3f')} "
+            f"| {fmt(r['median_train_step_s'] * 1e3, '.1f')} "
+            f"| {fmt(r.get('ratio_train_step_vs_adamw'), '.3f')} "
+            f"| {fmt(r['optimizer_state_bytes'] / 1e6, '.3f')} "
+            f"| {fmt(r.get('state_ratio_vs_adamw'), '.4f')} "
+            f"| {fmt(r['peak_rss_mb'], '.0f')} "
             f"| {selected_text} |"
         )
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates the file private (0600); results are meant to be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def default_heads(hidden: int) -> int:
-    """12 heads as in MiniLM when the width allows it, else the most heads <= 12 that divide it."""
-    return next(h for h in range(12, 0, -1) if hidden % h == 0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -513,15 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.intermediate = 4 * args.hidden
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
-    if args.total_steps < args.steps:
-        p.error("need --total-steps >= --steps")
-    if not 0 <= args.warmup < args.steps:
-        p.error("need 0 <= --warmup < --steps")
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or not names:
-        p.error(f"unknown or no variants: {unknown}; choose from {', '.join(VARIANTS)}")
-    args.variants = [v for v in VARIANTS if v in names]
+    check_run_length(p, args)
+    args.variants = chosen_variants(p, args.variants, VARIANTS)
     return args
 
 
@@ -554,14 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for variant in args.variants:
         python = args.python_for_baseline if variant == TOOLKIT else sys.executable
-        results[variant] = run_child(variant, cfg, python, args.child_timeout)
+        results[variant] = run_variant_in_child(variant, cfg, python, args.child_timeout)
     add_ratios(results)
 
     report = {
         "benchmark": "optimizer_step",
         "command": shlex.join([sys.executable, *sys.argv]),
         "config": asdict(cfg),
-        "machine": machine_info(results),
+        "machine": machine_info(results, BASELINE),
         "variants": results,
     }
     text_json = json.dumps(report, indent=2)
@@ -570,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text_json)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        write_atomically(args.out / "optimizer_step.json", text_json + "\n")
-        write_atomically(args.out / "optimizer_step.md", text_md)
+        write_text(args.out / "optimizer_step.json", text_json + "\n")
+        write_text(args.out / "optimizer_step.md", text_md)
     # A variant that crashed (not one that was skipped) makes the run fail.
     return 1 if any("error" in r for r in results.values()) else 0
 

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import train, with_lora
+
 RESULTS = Path("benchmarks/results/quality")
 
 ENCODER_METHODS = (
@@ -309,8 +311,10 @@ def run_cell(
         torch.set_num_threads(threads)
 
     import unmask
+    from unmask.models import load_model
     from unmask.tasks import load_task
-    from unmask.train import batch_order, encode, evaluate, load_model
+    from unmask.tasks.batches import batch_order, encode
+    from unmask.tasks.evaluation import evaluate
 
     lr = cell.lr if cell.lr is not None else tuned_lr
     if lr is None:
@@ -331,16 +335,7 @@ def run_cell(
     started = time.perf_counter()
     if trainer.selective is not None and trainer.selective.method.needs_calibration:
         trainer.selective.calibrate(batch(idx) for idx in order[:8])
-    step_times, losses = [], []
-    for idx in order:
-        inputs = batch(idx)
-        t0 = time.perf_counter()
-        loss = trainer.model(**inputs).loss
-        loss.backward()
-        trainer.opt.step()
-        trainer.opt.zero_grad()
-        step_times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+    log = train(trainer.model, trainer.opt, (batch(idx) for idx in order))
     train_seconds = time.perf_counter() - started
     examples = task.test if cell.split == "test" else task.validation
     metric = evaluate(
@@ -366,9 +361,9 @@ def run_cell(
         "budget_weights": trainer.budget_weights,
         "weights_changed": trainer.weights_changed,
         "weights_total": total_weights,
-        "train_loss_last10": statistics.fmean(losses[-10:]),
+        "train_loss_last10": statistics.fmean(log.losses[-10:]),
         "train_seconds": round(train_seconds, 2),
-        "step_seconds_median": round(statistics.median(step_times), 4),
+        "step_seconds_median": round(statistics.median(log.step_seconds), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "delta_bytes": delta_bytes,
         "allocation": trainer.allocation(),
@@ -386,7 +381,7 @@ def lora_weight_count(model) -> int:
     """Weights LoRA r8 trains on `model`: A and B of each targeted Linear, plus any new head."""
     from torch import nn
 
-    from unmask.train import new_head_patterns
+    from unmask.models import new_head_patterns
 
     heads = tuple(p.strip("^\\.") + "." for p in new_head_patterns(model))
     count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
@@ -416,7 +411,7 @@ class _Trainer:
 
         from unmask import SelectiveOptimizer
         from unmask.integrations.peft import peft_candidates
-        from unmask.train import new_head_patterns
+        from unmask.models import new_head_patterns
 
         method = cell.method
         heads = new_head_patterns(model)
@@ -425,7 +420,7 @@ class _Trainer:
         )
         self.selective: SelectiveOptimizer | None = None
         if method in ("lora", "id3+lora", "pafi+lora"):
-            model = _with_lora(model, bool(heads))
+            model = with_lora(model, LORA_TARGETS, classifier=bool(heads), rank=LORA_RANK)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if method == "head-only":
@@ -517,20 +512,6 @@ class _Trainer:
             save_file(trained, folder / "trained.safetensors")
             files = [folder / "trained.safetensors"]
         return sum(f.stat().st_size for f in files)
-
-
-def _with_lora(model, has_head: bool):
-    from peft import LoraConfig, get_peft_model
-
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    config = LoraConfig(
-        r=LORA_RANK,
-        lora_alpha=2 * LORA_RANK,
-        lora_dropout=0.0,
-        target_modules=sorted(names & set(LORA_TARGETS)),
-        task_type="SEQ_CLS" if has_head else "CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
 
 
 def _git_commit() -> str | None:

@@ -172,9 +172,10 @@ def score_noise(batches: int = 6, threads: int = 2) -> dict[str, Any]:
 
     from benchmarks.quality import budget_count
     from unmask import scores
+    from unmask.models import load_model
     from unmask.tasks import load_task
+    from unmask.tasks.batches import batch_order, encode
     from unmask.token_moments import TokenMoments
-    from unmask.train import batch_order, encode, load_model
 
     torch.set_num_threads(threads)
     setting = ENCODER

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModel
 
 from unmask.files import atomic_write_text
-from unmask.train import MODEL_ALIASES, resolve_model
+from unmask.models import MODEL_ALIASES, resolve_model
 
 
 def count_zeros(model: torch.nn.Module) -> dict:

