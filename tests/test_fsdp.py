@@ -146,8 +146,8 @@ def _train(scenario: str, rank: int, world: int, out: Path | None) -> dict[str, 
         "replaced": sorted(delta.replace),
         "num_weights": delta.num_weights,
         # Test-only look at the internals: this rank's slots (global indices) and the layout.
-        "slots": opt._index[: opt._n].sort().values.clone(),
-        "offsets": list(opt._offsets_list),
+        "slots": opt._slots.index[: opt._slots.n].sort().values.clone(),
+        "offsets": list(opt._selector.offsets),
         "names": list(opt._names),
     }
 

@@ -599,7 +599,7 @@ def test_nonfinite_gradients_skip_the_step_then_stop():
     opt.step()
     assert opt.steps_done == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    state = opt._sparse.state[opt._delta]
+    state = opt._sparse.state[opt._slots.delta]
     assert all(torch.isfinite(v).all() for v in state.values())
     assert all(torch.isfinite(v).all() for _, v in opt.delta().sparse.values())
 

@@ -1,7 +1,9 @@
-"""Selection strategies. Each method says which weights compete and how they are ranked.
+"""Selection strategies. Each method says which weights compete, how they are ranked, and
+what it needs (its capability fields).
 
-Adding a method is one class here plus one line in METHODS; the optimizer and the tests pick
-it up from the table.
+Adding a method is one class here plus one line in METHODS: the optimizer, the CLI and the
+tests read its fields (`kind`, `takes_budget`, `needs_total_steps`, `needs_calibration`,
+`supports_low_memory`, `supports_fsdp`, `distributed`), never its name.
 """
 
 from __future__ import annotations
@@ -32,15 +34,56 @@ class Method:
       static     B weights chosen once before training;
       all        every candidate weight is selected (BitFit), stored as a sparse delta;
       dense      every candidate trained densely by the wrapped optimizer (full fine-tuning).
-    needs_grad: the ranking reads the current gradient.
-    needs_calibration: the ranking needs `SelectiveOptimizer.calibrate` before the first step.
+
+    Capability fields (class attributes, read by the optimizer, the CLI and the tests):
+      takes_budget       it chooses weights within a budget (False: it trains a fixed set,
+                         every bias or every weight, and takes budget=None);
+      needs_total_steps  it spreads the budget over T steps (SelectiveOptimizer's total_steps);
+      needs_grad         the ranking reads the current gradient;
+      needs_calibration  the ranking needs `SelectiveOptimizer.calibrate` before the first step;
+      supports_low_memory  it works with low_memory=True (it does not need every weight's
+                         gradient at once);
+      supports_fsdp      it works on FSDP2-sharded models;
+      distributed        it works with several processes (its keys come from the averaged
+                         gradient, not from statistics each process gathers itself).
     """
 
     name: ClassVar[str]
     kind: ClassVar[Kind]
+    takes_budget: ClassVar[bool] = True
+    needs_total_steps: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
+    supports_low_memory: ClassVar[bool] = True
+    supports_fsdp: ClassVar[bool] = True
+    distributed: ClassVar[bool] = True
     floor: ClassVar[float] = float("-inf")
+
+    # When the weights are chosen, from `kind` (the optimizer dispatches on these).
+    @property
+    def grows_mask(self) -> bool:
+        """A few new weights every step until the budget is spent (increment)."""
+        return self.kind == "increment"
+
+    @property
+    def reselects(self) -> bool:
+        """A fresh top-B every step (repeat)."""
+        return self.kind == "repeat"
+
+    @property
+    def chooses_once(self) -> bool:
+        """The selection is made once, before training (static, all)."""
+        return self.kind in ("static", "all")
+
+    @property
+    def selects_all(self) -> bool:
+        """Every candidate weight is selected, as sparse slots (all)."""
+        return self.kind == "all"
+
+    @property
+    def trains_dense(self) -> bool:
+        """Every candidate is trained whole by the wrapped optimizer, without slots (dense)."""
+        return self.kind == "dense"
 
     def is_candidate(self, name: str, param: Tensor) -> bool:
         return True
@@ -78,7 +121,6 @@ class Method:
 
     # Lifecycle for methods whose keys need more than the gradient (statistics gathered by
     # hooks during backward). The optimizer calls them; the defaults do nothing.
-    distributed: ClassVar[bool] = True
 
     def attach(self, model: nn.Module) -> None:
         """Called once, before the candidates are chosen, with the model being fine-tuned."""
@@ -105,6 +147,7 @@ class ID3(Method):
 
     name: ClassVar[str] = "id3"
     kind: ClassVar[Kind] = "increment"
+    needs_total_steps: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
     score_eps: float = 1e-3
     score_exp: float = 1.0
@@ -145,6 +188,7 @@ class ID3SNR(Method):
 
     name: ClassVar[str] = "id3-snr"
     kind: ClassVar[Kind] = "increment"
+    needs_total_steps: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
     distributed: ClassVar[bool] = False
     floor: ClassVar[float] = 0.0
@@ -241,6 +285,8 @@ class ID3Repeat(ID3):
 
     name: ClassVar[str] = "id3-repeat"
     kind: ClassVar[Kind] = "repeat"
+    supports_low_memory: ClassVar[bool] = False  # the top-B of every weight's gradient
+    supports_fsdp: ClassVar[bool] = False  # slots change owners every step
 
 
 @dataclass
@@ -249,6 +295,7 @@ class IncrementPaFi(Method):
 
     name: ClassVar[str] = "increment-pafi"
     kind: ClassVar[Kind] = "increment"
+    needs_total_steps: ClassVar[bool] = True
 
     def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
         return scores.small_magnitude(param, out)
@@ -315,6 +362,7 @@ class BitFit(Method):
 
     name: ClassVar[str] = "bitfit"
     kind: ClassVar[Kind] = "all"
+    takes_budget: ClassVar[bool] = False
 
     def is_candidate(self, name: str, param: Tensor) -> bool:
         return name.rsplit(".", 1)[-1] == "bias"
@@ -332,6 +380,8 @@ class Full(Method):
 
     name: ClassVar[str] = "full"
     kind: ClassVar[Kind] = "dense"
+    takes_budget: ClassVar[bool] = False
+    supports_low_memory: ClassVar[bool] = False  # the wrapped optimizer reads every .grad
 
 
 METHODS: dict[str, type[Method]] = {
