@@ -1,7 +1,12 @@
 """The layout of `SelectiveOptimizer.state_dict()`, and the checks a checkpoint passes before
 anything of it is loaded.
 
-Layout (version 1):
+Layout (version 1; 0.1 wrote it without "state" and "param_groups", which loading ignores, so
+its checkpoints load unchanged):
+
+    "state", "param_groups": torch.optim's layout of the wrapped optimizers' state (the slot
+        buffer first, if any, then the dense parameters), for generic readers; the same
+        per-parameter state as "sparse_optimizer" / "dense_optimizer", which loading uses
 
     "unmask": {"version", "method", "budget", "total_steps", "schedule", "candidates", "dense",
                "capacity", "num_slots", "steps_done", "num_updates", "num_skipped_steps",
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .inner_optimizer import torch_layout
 from .sharding import local as _local
 
 if TYPE_CHECKING:
@@ -30,6 +36,8 @@ STATE_VERSION = 1
 def build_state_dict(opt: SelectiveOptimizer) -> dict[str, Any]:
     """`opt`'s state in the layout above (tensors cloned, the inner state_dicts live)."""
     slots, n = opt._slots, opt._slots.n
+    sparse = opt._sparse.state_dict() if opt._sparse else None
+    dense = opt._dense.state_dict() if opt._dense else None
     sharded = None
     if opt._shards is not None:
         sharded = {
@@ -52,9 +60,10 @@ def build_state_dict(opt: SelectiveOptimizer) -> dict[str, Any]:
         "base": slots.base[:n].clone(),
         "delta": slots.delta[:n].clone(),
         "active": None if opt._repeat is None else opt._repeat.active[:n].clone(),
-        "sparse_optimizer": opt._sparse.state_dict() if opt._sparse else None,
-        "dense_optimizer": opt._dense.state_dict() if opt._dense else None,
+        "sparse_optimizer": sparse,
+        "dense_optimizer": dense,
         "sharded": sharded,
+        **torch_layout([d for d in (sparse, dense) if d is not None]),
     }
 
 

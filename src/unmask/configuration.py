@@ -3,6 +3,7 @@ capability fields: total steps, low-memory mode, several processes, FSDP, and th
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .budget import Budget, resolve_budget
@@ -127,3 +128,12 @@ def check_same_parameters(model: nn.Module, trained: list[tuple[str, Tensor]]) -
                 "save the old, detached parameter: build a new SelectiveOptimizer after "
                 "changing the model"
             )
+
+
+def check_same_device(params: list[Tensor], device: torch.device) -> None:
+    """RuntimeError if the candidates left the device the optimizer was built on."""
+    if params and params[0].device != device:
+        raise RuntimeError(
+            f"the model's parameters moved to {params[0].device} after the optimizer "
+            f"was built on {device}; build the optimizer after model.to(device)"
+        )

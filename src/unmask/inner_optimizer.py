@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,17 +14,24 @@ from torch import Tensor
 
 from .slot_adamw import SlotAdamW
 
+# torch Adam/AdamW options that unmask's per-slot Adam cannot honour.
+_NOT_IN_SLOT_ADAMW = ("amsgrad", "maximize", "differentiable", "foreach", "fused", "capturable")
+
 
 def make_sparse_inner(
     cls: type[torch.optim.Optimizer], params: list[Tensor], kwargs: dict[str, Any], adam_step: str
 ) -> torch.optim.Optimizer:
     """The optimizer of the slot buffer: `SlotAdamW` (one step count per slot) for Adam/AdamW
-    with adam_step="per-weight", else `cls` itself."""
+    with adam_step="per-weight", else `cls` itself with `kwargs`.
+
+    ValueError for an option SlotAdamW cannot honour (amsgrad, maximize, differentiable,
+    foreach, fused, capturable set to True), TypeError for one `cls` does not know.
+    """
     if adam_step == "global" or cls not in (torch.optim.Adam, torch.optim.AdamW):
         return cls(params, **kwargs)
-    unsupported = {
-        k for k, v in kwargs.items() if k in ("amsgrad", "maximize", "differentiable") and v
-    }
+    # SlotAdamW is one plain loop over one flat buffer: it has none of these variants, and
+    # dropping an option the user asked for would change what they measure without a word.
+    unsupported = {k for k, v in kwargs.items() if k in _NOT_IN_SLOT_ADAMW and v}
     if unsupported:
         raise ValueError(
             f"adam_step='per-weight' does not support {sorted(unsupported)}; "
@@ -61,3 +69,42 @@ def check_finite_options(cls: type, kwargs: dict[str, Any]) -> None:
                 f"{getattr(cls, '__name__', cls)} option {name}={value!r} is not finite; "
                 f"pass a finite number for {name}"
             )
+
+
+class WrappedState(Mapping):
+    """Read-only view of the wrapped optimizers' per-parameter state, keyed by the tensors of
+    `param_groups` (the slot buffer, the dense parameters), as torch.optim readers expect."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self._optimizers = optimizers
+
+    def __getitem__(self, param: Tensor) -> dict:
+        for optimizer in self._optimizers:
+            if param in optimizer.state:
+                return optimizer.state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for optimizer in self._optimizers:
+            yield from optimizer.state
+
+    def __len__(self) -> int:
+        return sum(len(optimizer.state) for optimizer in self._optimizers)
+
+
+def torch_layout(inner_state_dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The wrapped optimizers' state_dicts merged into one in torch.optim's layout: `state`
+    keyed by the position of each parameter in the concatenated `param_groups`, whose `params`
+    are those positions. The per-parameter state dicts are shared, not copied."""
+    state: dict[int, Any] = {}
+    groups: list[dict[str, Any]] = []
+    count = 0
+    for saved in inner_state_dicts:
+        position = {}  # this optimizer's own ids -> positions over all of them
+        for group in saved["param_groups"]:
+            ids = list(range(count, count + len(group["params"])))
+            position.update(zip(group["params"], ids, strict=True))
+            groups.append({**group, "params": ids})
+            count += len(ids)
+        state.update({position[old]: value for old, value in saved["state"].items()})
+    return {"state": state, "param_groups": groups}

@@ -38,13 +38,14 @@ from .candidates import Patterns, find_candidates
 from .checkpoint import build_state_dict, restore_state_dict
 from .configuration import (
     check_method_options,
+    check_same_device,
     check_same_parameters,
     detect_shards,
     sparse_budget,
 )
 from .delta import SparseDelta
 from .gradients import clip_grad_norm_, state_bytes, warn_or_stop
-from .inner_optimizer import check_finite_options, make_sparse_inner
+from .inner_optimizer import WrappedState, check_finite_options, make_sparse_inner
 from .methods import Method, make_method
 from .schedules import Schedule, check_total_steps, get_schedule
 from .selector import Selector
@@ -63,12 +64,11 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             `takes_budget` ("bitfit", "full"), which train every bias / every weight.
         total_steps: T, the number of optimizer steps over which the budget is spent; required
             by the methods with `needs_total_steps` ("id3", "id3-repeat", ...).
-        optimizer: the torch optimizer class to wrap. Any optimizer whose update is elementwise
-            and whose per-weight state has the parameter's shape works (AdamW, Adam, SGD with
-            momentum, RMSprop, Adagrad, ...).
+        optimizer: the torch optimizer class to wrap: any whose update is elementwise and whose
+            per-weight state has the parameter's shape (AdamW, Adam, SGD, RMSprop, Adagrad).
         include, exclude: regexes searched in parameter names that choose the candidates.
-        dense: regexes of parameters trained whole (e.g. a new classification head). They are
-            saved whole in the delta and, if `dense_in_budget`, their size counts against B.
+        dense: regexes of parameters trained whole (e.g. a new head), saved whole in the delta;
+            if `dense_in_budget`, their size counts against B.
         schedule: "uniform" (default), "linear-decay", or a `Schedule`.
         adam_step: for Adam/AdamW, "per-weight" (each weight's bias correction uses the number
             of updates it has received) or "global" (torch's own optimizer: one step count for
@@ -76,9 +76,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         score_eps, score_exp: ε and exp of the D3 score |g| / (|θ| + ε)^exp.
         seed: seed of the "random" method.
         max_nonfinite_steps: a step whose selected or dense gradients hold NaN or inf is
-            skipped (nothing is unmasked or updated, the step counter does not advance, a
-            RuntimeWarning is issued); after more than this many skips in a row, step() raises
-            FloatingPointError.
+            skipped with a RuntimeWarning (nothing is unmasked or updated, the step counter
+            stays); after more than this many skips in a row, step() raises FloatingPointError.
         freeze_unselected: once the selection is final (static methods from the start,
             increment methods after their last unmask), set requires_grad=False on candidate
             tensors that hold no selected weight, so backward stops computing their gradients.
@@ -92,6 +91,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
     leave unused carries over to the next step (so |Λ| may lag the schedule, never exceed it).
+
+    Where it differs from a torch.optim.Optimizer: `param_groups` are the wrapped optimizers'
+    groups (LR schedulers work), but their first tensor is the slot buffer, not a model
+    parameter; `state` is a read-only view of the wrapped optimizers' state; `add_param_group`
+    raises. `state_dict()` has torch's `state` and `param_groups` plus unmask's entries (see
+    `unmask.checkpoint`). torch.distributed.checkpoint's `get_optimizer_state_dict` is not
+    supported (it keys state by model parameter name; the slot buffer has none: KeyError):
+    save `state_dict()` with torch.save, one file per rank under FSDP.
 
     FSDP2 (`fully_shard`, Shard(0) on a 1-D mesh): build the optimizer on every rank, on the
     sharded model; every rank makes the selection a single process would make. Slots,
@@ -159,7 +166,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             optimizer(self._dense_params, **optimizer_kwargs) if self._dense_params else None
         )
         super().__init__([self._slots.delta] + self._dense_params, {})
+        self._built = True
         self._link_param_groups()
+        self.state = WrappedState([o for o in (self._sparse, self._dense) if o is not None])
 
         self.steps_done = self.num_updates = self.num_skipped_steps = self.consecutive_skips = 0
         if max_nonfinite_steps < 0:
@@ -178,6 +187,17 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         quota = weakref.WeakMethod(self._quota)
         self._tap = self._selector.tap(lambda: quota()()) if low_memory else None
         self._freeze_if_final()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once built: the parameters this optimizer trains are chosen at construction
+        (`include`, `exclude`, `dense`); build a new SelectiveOptimizer to train others."""
+        if getattr(self, "_built", False):  # torch.optim.Optimizer.__init__ adds the first
+            raise ValueError(
+                "SelectiveOptimizer does not take new parameter groups: its parameters are the "
+                "candidates and dense parameters chosen when it was built; build a new "
+                "SelectiveOptimizer (with include=/dense= patterns) to train other parameters"
+            )
+        super().add_param_group(param_group)
 
     def _link_param_groups(self) -> None:
         # The inner optimizers own the hyperparameters; sharing their group dicts lets LR
@@ -200,12 +220,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_same_parameters()
+        check_same_device(self._params, self._slots.delta.device)
         slots = self._slots
-        if self._params and self._params[0].device != slots.delta.device:
-            raise RuntimeError(
-                f"the model's parameters moved to {self._params[0].device} after the optimizer "
-                f"was built on {slots.delta.device}; build the optimizer after model.to(device)"
-            )
         if not self.calibrated:
             raise RuntimeError(
                 f"method {self.method.name!r} chooses its mask from calibration batches: call "
@@ -284,11 +300,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._clear_pending()
         self.method.clear()
         for p in self._params + self._dense_params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_().zero_()
+            if p.grad is not None and set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
 
     def _quota(self) -> int:
         """How many weights the coming step unmasks (0 before calibration)."""
@@ -357,11 +372,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     @property
     def num_selected(self) -> int:
         """Weights currently selected for training (all weights, for `full`); global under FSDP."""
-        if self.method.trains_dense:
-            return self._dense_numel
-        if self._repeat is not None:
-            return self._repeat.num_active
-        return self._selector.num_chosen
+        return self._dense_numel if self.method.trains_dense else self._selector.num_training
 
     @property
     def num_changed(self) -> int:
@@ -414,16 +425,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             n: _full(p.detach()).cpu().clone()
             for n, p in zip(self._dense_names, self._dense_params, strict=True)
         }
-        metadata = {
-            **self.method.config(),
-            "budget": self.total_budget,
-            "sparse_budget": self.budget,
-            "dense_in_budget": self.dense_in_budget,
-            "total_steps": self.total_steps,
-            "steps_done": self.steps_done,
-            "schedule": self.schedule.name,
-            "base_model": _base_model_name(self.model),
-        }
+        metadata = _training_metadata(self)
         return SparseDelta.from_training(self.model, sparse, base_values, replace, metadata)
 
     def state_dict(self) -> dict[str, Any]:
@@ -447,6 +449,20 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if self.method.grows_mask and self._selector.num_chosen >= self.budget:
             self.method.detach()  # resumed with a final mask: no statistics to gather
         self._freeze_if_final()
+
+
+def _training_metadata(opt: SelectiveOptimizer) -> dict[str, Any]:
+    """What a delta records of the training run that made it."""
+    return {
+        **opt.method.config(),
+        "budget": opt.total_budget,
+        "sparse_budget": opt.budget,
+        "dense_in_budget": opt.dense_in_budget,
+        "total_steps": opt.total_steps,
+        "steps_done": opt.steps_done,
+        "schedule": opt.schedule.name,
+        "base_model": _base_model_name(opt.model),
+    }
 
 
 def _base_model_name(model: nn.Module) -> str | None:

@@ -66,6 +66,11 @@ class Selector:
         """Weights selected so far on all ranks together (this process's slots, unless sharded)."""
         return self.slots.n if self.shards is None else self.shards.chosen.numel()
 
+    @property
+    def num_training(self) -> int:
+        """Weights that train in the coming step: the chosen ones, or repeat-S's active ones."""
+        return self.num_chosen if self.repeat is None else self.repeat.num_active
+
     def quota(self, steps_done: int) -> int:
         """How many weights step `steps_done` unmasks (increment methods; 0 once B is spent)."""
         chosen = self.num_chosen  # global under FSDP
