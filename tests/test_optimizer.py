@@ -209,9 +209,7 @@ def test_ties_break_by_lowest_index():
     assert torch.equal(opt.selected()["a.weight"], torch.arange(10))
 
 
-@pytest.mark.parametrize(
-    "method", ["id3", "id3-snr", "id3-repeat", "pafi", "random", "fish", "bitfit"]
-)
+@pytest.mark.parametrize("method", method_names())
 def test_resume_equals_uninterrupted(method, tmp_path):
     steps, cut = 8, 3
     batches = make_batches("bert", steps)

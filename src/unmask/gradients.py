@@ -1,5 +1,4 @@
-"""What happens to the gradients a step uses (the non-finite guard, clipping), and the bytes
-of the state kept for them."""
+"""What happens to the gradients a step uses: the non-finite guard and clipping."""
 
 from __future__ import annotations
 
@@ -8,8 +7,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-from .sharding import local as _local
 
 if TYPE_CHECKING:
     from .sharding import Shards
@@ -53,15 +50,3 @@ def clip_grad_norm_(grads: list[Tensor], max_norm: float, shards: Shards | None)
     else:
         norm = torch.nn.utils.get_total_norm(grads).cpu() if grads else torch.tensor(0.0)
     return scale_to_norm(grads, norm, max_norm)
-
-
-def state_bytes(buffers: list[Tensor], optimizers: list[torch.optim.Optimizer]) -> int:
-    """Bytes of `buffers` and of every tensor in the optimizers' state (this rank's part)."""
-    tensors = buffers + [
-        _local(v)
-        for o in optimizers
-        for per_param in o.state.values()
-        for v in per_param.values()
-        if torch.is_tensor(v)
-    ]
-    return sum(t.numel() * t.element_size() for t in tensors)

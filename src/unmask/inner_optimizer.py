@@ -1,5 +1,6 @@
-"""The torch optimizers SelectiveOptimizer wraps: one over the slot buffer, one over the dense
-parameters, built from the user's class and options."""
+"""The torch optimizers SelectiveOptimizer wraps (one over the slot buffer, one over the dense
+parameters): how they are built from the user's class and options, and how their state is
+shown to torch.optim readers and counted."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .sharding import local as _local
 from .slot_adamw import SlotAdamW
 
 # torch Adam/AdamW options that unmask's per-slot Adam cannot honour.
@@ -108,3 +110,15 @@ def torch_layout(inner_state_dicts: list[dict[str, Any]]) -> dict[str, Any]:
             count += len(ids)
         state.update({position[old]: value for old, value in saved["state"].items()})
     return {"state": state, "param_groups": groups}
+
+
+def state_bytes(buffers: list[Tensor], optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes of `buffers` and of every tensor in the optimizers' state (this rank's part)."""
+    tensors = buffers + [
+        _local(v)
+        for o in optimizers
+        for per_param in o.state.values()
+        for v in per_param.values()
+        if torch.is_tensor(v)
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -35,7 +35,8 @@ class Method:
       all        every candidate weight is selected (BitFit), stored as a sparse delta;
       dense      every candidate trained densely by the wrapped optimizer (full fine-tuning).
 
-    Capability fields (class attributes, read by the optimizer, the CLI and the tests):
+    Capability fields (class attributes, read by the optimizer, the CLI and the tests; the
+    kind's own ones, `grows_mask` ... `trains_dense`, are derived from `kind` below):
       takes_budget       it chooses weights within a budget (False: it trains a fixed set,
                          every bias or every weight, and takes budget=None);
       needs_total_steps  it spreads the budget over T steps (SelectiveOptimizer's total_steps);
@@ -59,31 +60,24 @@ class Method:
     distributed: ClassVar[bool] = True
     floor: ClassVar[float] = float("-inf")
 
-    # When the weights are chosen, from `kind` (the optimizer dispatches on these).
-    @property
-    def grows_mask(self) -> bool:
-        """A few new weights every step until the budget is spent (increment)."""
-        return self.kind == "increment"
+    # When the weights are chosen, set from `kind` for every subclass (the optimizer
+    # dispatches on these): a few new ones every step until B is spent (increment); a fresh
+    # top-B every step (repeat); once, before training (static, all); every candidate as
+    # slots (all); every candidate trained whole, without slots (dense).
+    grows_mask: ClassVar[bool] = False
+    reselects: ClassVar[bool] = False
+    chooses_once: ClassVar[bool] = False
+    selects_all: ClassVar[bool] = False
+    trains_dense: ClassVar[bool] = False
 
-    @property
-    def reselects(self) -> bool:
-        """A fresh top-B every step (repeat)."""
-        return self.kind == "repeat"
-
-    @property
-    def chooses_once(self) -> bool:
-        """The selection is made once, before training (static, all)."""
-        return self.kind in ("static", "all")
-
-    @property
-    def selects_all(self) -> bool:
-        """Every candidate weight is selected, as sparse slots (all)."""
-        return self.kind == "all"
-
-    @property
-    def trains_dense(self) -> bool:
-        """Every candidate is trained whole by the wrapped optimizer, without slots (dense)."""
-        return self.kind == "dense"
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = getattr(cls, "kind", None)
+        cls.grows_mask = kind == "increment"
+        cls.reselects = kind == "repeat"
+        cls.chooses_once = kind in ("static", "all")
+        cls.selects_all = kind == "all"
+        cls.trains_dense = kind == "dense"
 
     def is_candidate(self, name: str, param: Tensor) -> bool:
         return True

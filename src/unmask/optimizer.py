@@ -44,8 +44,13 @@ from .configuration import (
     sparse_budget,
 )
 from .delta import SparseDelta
-from .gradients import clip_grad_norm_, state_bytes, warn_or_stop
-from .inner_optimizer import WrappedState, check_finite_options, make_sparse_inner
+from .gradients import clip_grad_norm_, warn_or_stop
+from .inner_optimizer import (
+    WrappedState,
+    check_finite_options,
+    make_sparse_inner,
+    state_bytes,
+)
 from .methods import Method, make_method
 from .schedules import Schedule, check_total_steps, get_schedule
 from .selector import Selector
@@ -93,8 +98,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     leave unused carries over to the next step (so |Λ| may lag the schedule, never exceed it).
 
     Where it differs from a torch.optim.Optimizer: `param_groups` are the wrapped optimizers'
-    groups (LR schedulers work), but their first tensor is the slot buffer, not a model
-    parameter; `state` is a read-only view of the wrapped optimizers' state; `add_param_group`
+    groups (LR schedulers work), and the slots' group holds the slot buffer, not the model's
+    candidates; `state` is a read-only view of the wrapped optimizers' state; `add_param_group`
     raises. `state_dict()` has torch's `state` and `param_groups` plus unmask's entries (see
     `unmask.checkpoint`). torch.distributed.checkpoint's `get_optimizer_state_dict` is not
     supported (it keys state by model parameter name; the slot buffer has none: KeyError):
@@ -191,7 +196,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built: the parameters this optimizer trains are chosen at construction
         (`include`, `exclude`, `dense`); build a new SelectiveOptimizer to train others."""
-        if getattr(self, "_built", False):  # torch.optim.Optimizer.__init__ adds the first
+        if getattr(self, "_built", False):  # not the group torch.optim.Optimizer.__init__ adds
             raise ValueError(
                 "SelectiveOptimizer does not take new parameter groups: its parameters are the "
                 "candidates and dense parameters chosen when it was built; build a new "

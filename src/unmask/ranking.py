@@ -48,7 +48,9 @@ def tensor_sources(
 
         def fill_whole() -> Tensor:
             keys = method.shard_keys(name, part, signal, scratch, start, numel)
-            return _exclude(keys, chosen, 0)
+            if chosen is not None:  # all inside the part: no search (and no device sync)
+                keys.index_fill_(0, chosen, _NEG_INF)
+            return keys
 
         return [KeySource(origin, fill_whole)]
     flat = part.detach().reshape(-1)
@@ -69,7 +71,7 @@ def tensor_sources(
 
 
 def _exclude(keys: Tensor, chosen: Tensor | None, a: int) -> Tensor:
-    """Set to -inf the keys of the chosen weights that lie in [a, a + keys.numel())."""
+    """Set to -inf the keys (of weights [a, a + keys.numel())) of the chosen weights there."""
     if chosen is not None:  # ascending: the part inside the keys' range is one slice
         bounds = torch.tensor([a, a + keys.numel()], device=chosen.device)
         lo, hi = torch.searchsorted(chosen, bounds).tolist()
