@@ -2,15 +2,20 @@
 
 It composes the parts, each in its own module:
 
+    configuration   what the method and the options need; the budget of the slots
     candidates      which parameters compete (sparse) and which train whole (dense)
     methods         how weights are ranked and what a method needs (its capability fields)
+    selector        which weights get slots when (quota, ranking, FSDP agreement)
+    ranking         a method's keys of one tensor, chosen weights excluded
+    index_space     global indices: tensor offsets, and their split per tensor
     slots           the selected weights' flat buffers: index, base value, delta
     repeat          repeat-S's active slots (the id3-repeat ablation only)
     gradient_tap    low-memory mode: gradients consumed in backward hooks
+    gradients       the non-finite guard and clipping
     calibration     FISH's Fisher sums over calibration batches
     sharding        FSDP2: the same selection on every rank, slots per rank
     checkpoint      the state_dict layout and its checks
-    inner_optimizer the wrapped torch optimizers
+    inner_optimizer the wrapped torch optimizers and their state
 
 Each step gathers the selected weights' gradients into delta.grad (zero in unused slots, whose
 moments therefore stay zero and whose update is exactly zero), steps the wrapped optimizer on
