@@ -74,7 +74,7 @@ def _train(scenario: str, rank: int, world: int, out: Path | None) -> dict[str, 
     opt = SelectiveOptimizer(
         model, method=method, budget=BUDGET, total_steps=STEPS, lr=LR, **opt_kwargs
     )
-    if method == "fish":
+    if opt.method.needs_calibration:
         calibration = [
             _shard(b, rank, world) for b in make_batches("bert", 2, seed=7, batch=GLOBAL_BATCH)
         ]

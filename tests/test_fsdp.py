@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from conftest import launch_torchrun, make_batches, tiny_bert
 
-from unmask import SelectiveOptimizer, SparseDelta
+from unmask import METHODS, SelectiveOptimizer, SparseDelta
 from unmask.schedules import UniformSchedule
 
 WORLD = 2
@@ -115,7 +115,7 @@ def _train(scenario: str, rank: int, world: int, out: Path | None) -> dict[str, 
     if world > 1:
         _shard_model(model, world)
     opt = SelectiveOptimizer(model, **kwargs)
-    if kwargs["method"] == "fish":
+    if opt.method.needs_calibration:
         calibration = make_batches("bert", 2, seed=7, batch=GLOBAL_BATCH)
         opt.calibrate([_shard(b, rank, world) for b in calibration])
     digests, counts, norms = [], [], []
@@ -146,8 +146,8 @@ def _train(scenario: str, rank: int, world: int, out: Path | None) -> dict[str, 
         "replaced": sorted(delta.replace),
         "num_weights": delta.num_weights,
         # Test-only look at the internals: this rank's slots (global indices) and the layout.
-        "slots": opt._index[: opt._n].sort().values.clone(),
-        "offsets": list(opt._offsets_list),
+        "slots": opt._slots.index[: opt._slots.n].sort().values.clone(),
+        "offsets": list(opt._selector.offsets),
         "names": list(opt._names),
     }
 
@@ -231,11 +231,11 @@ def _rows(d0: int, rank: int) -> range:
 def test_fsdp_selects_what_one_process_selects(fsdp_run, single, scenario):
     _, ranks = fsdp_run
     ref = single[scenario]
-    method = SCENARIOS[scenario]["method"]
-    if method == "id3":
+    method = METHODS[SCENARIOS[scenario]["method"]]
+    if method.grows_mask:
         budget = SCENARIOS[scenario]["budget"] - (99 if scenario == "id3" else 0)  # head charged
         schedule = [UniformSchedule().cumulative(t, budget, STEPS) for t in range(STEPS)]
-    elif method in ("pafi", "random", "fish"):
+    elif method.takes_budget:  # chosen once: the whole budget from the first step
         schedule = [SCENARIOS[scenario]["budget"]] * STEPS
     else:  # bitfit, full: everything they train, from the first step
         schedule = [ref["counts"][0]] * STEPS

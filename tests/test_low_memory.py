@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 from conftest import MODELS, make_batches, snapshot, tiny_bert, tiny_llama
+from method_matrix import can_run_on, method_kwargs, method_names, prepare
 
-from unmask import SelectiveOptimizer
-from unmask import optimizer as optimizer_module
+from unmask import SelectiveOptimizer, gradient_tap
 
 STEPS = 6
 
@@ -18,13 +18,11 @@ def _run(kind, method, low_memory, batches, *, micro=1, clip=None, autocast=Fals
     """Train; returns (model, optimizer, selections after every step)."""
     model = MODELS[kind]()
     options = dict(method=method, lr=1e-2, weight_decay=0.01, low_memory=low_memory)
-    if method != "bitfit":
-        options.update(budget="3%", total_steps=STEPS)
+    options.update(method_kwargs(method, STEPS, budget="3%"))
     if kind == "bert":
         options["dense"] = ["classifier"]
     opt = SelectiveOptimizer(model, **options, **kwargs)
-    if method == "fish":
-        opt.calibrate(batches[:2])
+    prepare(opt, batches[:2])
     history = []
     for batch in batches:
         for part in _split(batch, micro):
@@ -52,12 +50,10 @@ def _assert_same_model(a, b, exact=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize(
-    "method", ["id3", "id3-snr", "increment-pafi", "pafi", "random", "fish", "bitfit"]
-)
+@pytest.mark.parametrize("method", method_names(low_memory=True))
 def test_same_selection_and_weights_as_standard_mode(method, model_kind):
-    if method == "bitfit" and model_kind == "llama":
-        pytest.skip("the Llama model has no bias terms")
+    if not can_run_on(method, model_kind):
+        pytest.skip(f"the {model_kind} model has no candidates for {method}")
     batches = make_batches(model_kind, STEPS)
     standard, _, chosen = _run(model_kind, method, False, batches)
     low, opt, chosen_low = _run(model_kind, method, True, batches)
@@ -189,7 +185,7 @@ def test_nonfinite_gradient_skips_the_step():
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("method", ["id3-repeat", "full"])
+@pytest.mark.parametrize("method", method_names(low_memory=False))
 def test_methods_that_need_every_gradient_are_refused(method):
     with pytest.raises(ValueError, match="low_memory"):
         SelectiveOptimizer(tiny_bert(), method=method, budget="5%", total_steps=3, low_memory=True)
@@ -199,7 +195,7 @@ def test_methods_that_need_every_gradient_are_refused(method):
 def test_chunked_ranking_selects_what_the_standard_mode_selects(method, monkeypatch):
     # Real tensors are ranked in chunks of a million weights; the tiny models' tensors fit in
     # one chunk, so make chunks small enough to split every tensor (and not divide it evenly).
-    monkeypatch.setattr(optimizer_module, "_KEY_CHUNK", 37)
+    monkeypatch.setattr(gradient_tap, "KEY_CHUNK", 37)
     batches = make_batches("bert", STEPS)
     standard, _, chosen = _run("bert", method, False, batches)
     low, _, chosen_low = _run("bert", method, True, batches)

@@ -9,10 +9,17 @@ import math
 import pytest
 import torch
 from conftest import MODELS, make_batches, snapshot, tiny_bert, tiny_llama
+from method_matrix import (
+    assert_changes_only_selected,
+    can_run_on,
+    method_kwargs,
+    method_names,
+    prepare,
+)
 from reference_id3 import run_reference
 
 import unmask
-from unmask import METHODS, SelectiveOptimizer, UniformSchedule, update_count
+from unmask import SelectiveOptimizer, UniformSchedule, update_count
 
 T = 6
 
@@ -24,12 +31,6 @@ def _train(model, opt, batches):
         opt.zero_grad()
 
 
-def _method_kwargs(method: str) -> dict:
-    if method in ("bitfit", "full"):
-        return {}
-    return {"budget": "2%", "total_steps": T}
-
-
 def _changed(model, base) -> dict[str, torch.Tensor]:
     return {
         n: (p.detach() != base[n]).flatten().nonzero().flatten()
@@ -37,48 +38,11 @@ def _changed(model, base) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_changes_only_what_it_selected(method, model_kind):
-    model = MODELS[model_kind]()
-    if method == "bitfit" and model_kind == "llama":
-        pytest.skip("llama has no bias terms; covered by test_bitfit_without_biases_fails")
-    base = snapshot(model)
-    opt = SelectiveOptimizer(
-        model, method=method, lr=1e-2, weight_decay=0.1, **_method_kwargs(method)
-    )
-    batches = make_batches(model_kind, T + 2)
-    if method == "fish":
-        opt.calibrate(batches[:2])
-    previous: dict[str, set] = {}
-    for t, batch in enumerate(batches):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        selected = {n: set(i.tolist()) for n, i in opt.selected().items()}
-        delta = opt.delta()
-        # Every weight outside the delta is bit-identical to the pretrained one.
-        for name, where in _changed(model, base).items():
-            allowed = (
-                set(range(base[name].numel()))
-                if name in delta.replace
-                else set(delta.sparse[name][0].tolist())
-                if name in delta.sparse
-                else set()
-            )
-            assert set(where.tolist()) <= allowed, f"{method}: {name} changed outside its delta"
-        kind = opt.method.kind
-        if kind in ("increment", "static", "all"):
-            assert opt.num_changed <= max(opt.budget, 1)
-            for name, idx in previous.items():  # the mask only grows
-                assert idx <= selected.get(name, set())
-        if kind == "increment":
-            expected = UniformSchedule().cumulative(t, opt.budget, T)
-            assert opt.num_selected == expected
-        if kind == "repeat":
-            assert opt.num_selected <= opt.budget
-        previous = selected
-    if method != "full":
-        assert sum(p.numel() for p in model.parameters()) > opt.num_changed
+    if not can_run_on(method, model_kind):
+        pytest.skip(f"the {model_kind} model has no candidates for {method}")
+    assert_changes_only_selected(method, model_kind, steps=T)
 
 
 def test_update_count_matches_schedule_formula():
@@ -245,21 +209,16 @@ def test_ties_break_by_lowest_index():
     assert torch.equal(opt.selected()["a.weight"], torch.arange(10))
 
 
-@pytest.mark.parametrize(
-    "method", ["id3", "id3-snr", "id3-repeat", "pafi", "random", "fish", "bitfit"]
-)
+@pytest.mark.parametrize("method", method_names())
 def test_resume_equals_uninterrupted(method, tmp_path):
     steps, cut = 8, 3
     batches = make_batches("bert", steps)
-    kwargs = dict(method=method, lr=1e-2, weight_decay=0.01, **_method_kwargs(method))
-    if method != "bitfit":
-        kwargs["total_steps"] = steps
+    kwargs = dict(method=method, lr=1e-2, weight_decay=0.01, **method_kwargs(method, steps))
 
     def start():
         model = tiny_bert()
         opt = SelectiveOptimizer(model, dense=["classifier"], **kwargs)
-        if method == "fish":
-            opt.calibrate(batches[:2])
+        prepare(opt, batches[:2])
         return model, opt
 
     model, opt = start()
@@ -599,7 +558,7 @@ def test_nonfinite_gradients_skip_the_step_then_stop():
     opt.step()
     assert opt.steps_done == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    state = opt._sparse.state[opt._delta]
+    state = opt._sparse.state[opt._slots.delta]
     assert all(torch.isfinite(v).all() for v in state.values())
     assert all(torch.isfinite(v).all() for _, v in opt.delta().sparse.values())
 

@@ -41,15 +41,15 @@ key_values = st.one_of(st.integers(-3, 3).map(float), special)
 )
 def test_select_top_matches_brute_force(sizes, data, k, floor, block, prune_at):
     tensors = [torch.tensor(data.draw(st.lists(key_values, min_size=n, max_size=n))) for n in sizes]
-    original = selection._BLOCK, selection._SMALL, selection._PRUNE_AT
+    original = selection._BLOCK, selection._SMALL, selection.PRUNE_AT
     # Small blocks and no small-tensor shortcut exercise the block path on small tensors;
     # prune_at=1 cuts the candidate pool back after nearly every tensor.
-    selection._BLOCK, selection._SMALL, selection._PRUNE_AT = block, 0, prune_at
+    selection._BLOCK, selection._SMALL, selection.PRUNE_AT = block, 0, prune_at
     try:
         got = select_top(sources_of(tensors), k, floor).tolist()
         index, keys = select_top_keys(sources_of(tensors), k, floor)
     finally:
-        selection._BLOCK, selection._SMALL, selection._PRUNE_AT = original
+        selection._BLOCK, selection._SMALL, selection.PRUNE_AT = original
     assert got == brute_force(tensors, k, floor)
     # The keys come back with their indices (what FSDP ranks exchange).
     assert index.tolist() == got
@@ -63,7 +63,7 @@ def test_select_top_block_path_with_many_ties(monkeypatch):
     tensors = [torch.randint(0, 3, (200,)).float(), torch.randint(0, 3, (37,)).float()]
     for k in (1, 5, 50, 150, 300):
         assert select_top(sources_of(tensors), k, 0.0).tolist() == brute_force(tensors, k, 0.0)
-    monkeypatch.setattr(selection, "_PRUNE_AT", 1)  # pool cut back between the tensors
+    monkeypatch.setattr(selection, "PRUNE_AT", 1)  # pool cut back between the tensors
     for k in (1, 5, 50, 150):
         assert select_top(sources_of(tensors), k, 0.0).tolist() == brute_force(tensors, k, 0.0)
 

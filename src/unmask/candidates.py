@@ -61,7 +61,7 @@ def find_candidates(
         and not _matches(exclude_re, n)
         and method.is_candidate(n, p)
     ]
-    if method.kind == "dense":
+    if method.trains_dense:
         chosen = {n for n, _ in dense_params + sparse}
         dense_params, sparse = [(n, p) for n, p in trainable if n in chosen], []
     elif not sparse:

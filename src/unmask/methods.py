@@ -1,7 +1,9 @@
-"""Selection strategies. Each method says which weights compete and how they are ranked.
+"""Selection strategies. Each method says which weights compete, how they are ranked, and
+what it needs (its capability fields).
 
-Adding a method is one class here plus one line in METHODS; the optimizer and the tests pick
-it up from the table.
+Adding a method is one class here plus one line in METHODS: the optimizer, the CLI and the
+tests read its fields (`kind`, `takes_budget`, `needs_total_steps`, `needs_calibration`,
+`supports_low_memory`, `supports_fsdp`, `distributed`), never its name.
 """
 
 from __future__ import annotations
@@ -32,15 +34,50 @@ class Method:
       static     B weights chosen once before training;
       all        every candidate weight is selected (BitFit), stored as a sparse delta;
       dense      every candidate trained densely by the wrapped optimizer (full fine-tuning).
-    needs_grad: the ranking reads the current gradient.
-    needs_calibration: the ranking needs `SelectiveOptimizer.calibrate` before the first step.
+
+    Capability fields (class attributes, read by the optimizer, the CLI and the tests; the
+    kind's own ones, `grows_mask` ... `trains_dense`, are derived from `kind` below):
+      takes_budget       it chooses weights within a budget (False: it trains a fixed set,
+                         every bias or every weight, and takes budget=None);
+      needs_total_steps  it spreads the budget over T steps (SelectiveOptimizer's total_steps);
+      needs_grad         the ranking reads the current gradient;
+      needs_calibration  the ranking needs `SelectiveOptimizer.calibrate` before the first step;
+      supports_low_memory  it works with low_memory=True (it does not need every weight's
+                         gradient at once);
+      supports_fsdp      it works on FSDP2-sharded models;
+      distributed        it works with several processes (its keys come from the averaged
+                         gradient, not from statistics each process gathers itself).
     """
 
     name: ClassVar[str]
     kind: ClassVar[Kind]
+    takes_budget: ClassVar[bool] = True
+    needs_total_steps: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
+    supports_low_memory: ClassVar[bool] = True
+    supports_fsdp: ClassVar[bool] = True
+    distributed: ClassVar[bool] = True
     floor: ClassVar[float] = float("-inf")
+
+    # When the weights are chosen, set from `kind` for every subclass (the optimizer
+    # dispatches on these): a few new ones every step until B is spent (increment); a fresh
+    # top-B every step (repeat); once, before training (static, all); every candidate as
+    # slots (all); every candidate trained whole, without slots (dense).
+    grows_mask: ClassVar[bool] = False
+    reselects: ClassVar[bool] = False
+    chooses_once: ClassVar[bool] = False
+    selects_all: ClassVar[bool] = False
+    trains_dense: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = getattr(cls, "kind", None)
+        cls.grows_mask = kind == "increment"
+        cls.reselects = kind == "repeat"
+        cls.chooses_once = kind in ("static", "all")
+        cls.selects_all = kind == "all"
+        cls.trains_dense = kind == "dense"
 
     def is_candidate(self, name: str, param: Tensor) -> bool:
         return True
@@ -78,7 +115,6 @@ class Method:
 
     # Lifecycle for methods whose keys need more than the gradient (statistics gathered by
     # hooks during backward). The optimizer calls them; the defaults do nothing.
-    distributed: ClassVar[bool] = True
 
     def attach(self, model: nn.Module) -> None:
         """Called once, before the candidates are chosen, with the model being fine-tuned."""
@@ -105,6 +141,7 @@ class ID3(Method):
 
     name: ClassVar[str] = "id3"
     kind: ClassVar[Kind] = "increment"
+    needs_total_steps: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
     score_eps: float = 1e-3
     score_exp: float = 1.0
@@ -145,6 +182,7 @@ class ID3SNR(Method):
 
     name: ClassVar[str] = "id3-snr"
     kind: ClassVar[Kind] = "increment"
+    needs_total_steps: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
     distributed: ClassVar[bool] = False
     floor: ClassVar[float] = 0.0
@@ -241,6 +279,8 @@ class ID3Repeat(ID3):
 
     name: ClassVar[str] = "id3-repeat"
     kind: ClassVar[Kind] = "repeat"
+    supports_low_memory: ClassVar[bool] = False  # the top-B of every weight's gradient
+    supports_fsdp: ClassVar[bool] = False  # slots change owners every step
 
 
 @dataclass
@@ -249,6 +289,7 @@ class IncrementPaFi(Method):
 
     name: ClassVar[str] = "increment-pafi"
     kind: ClassVar[Kind] = "increment"
+    needs_total_steps: ClassVar[bool] = True
 
     def keys(self, name: str, param: Tensor, signal: Tensor | None, out: Tensor) -> Tensor:
         return scores.small_magnitude(param, out)
@@ -315,6 +356,7 @@ class BitFit(Method):
 
     name: ClassVar[str] = "bitfit"
     kind: ClassVar[Kind] = "all"
+    takes_budget: ClassVar[bool] = False
 
     def is_candidate(self, name: str, param: Tensor) -> bool:
         return name.rsplit(".", 1)[-1] == "bias"
@@ -332,6 +374,8 @@ class Full(Method):
 
     name: ClassVar[str] = "full"
     kind: ClassVar[Kind] = "dense"
+    takes_budget: ClassVar[bool] = False
+    supports_low_memory: ClassVar[bool] = False  # the wrapped optimizer reads every .grad
 
 
 METHODS: dict[str, type[Method]] = {

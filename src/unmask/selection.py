@@ -21,7 +21,7 @@ _BLOCK = 128
 # Below this many keys one plain top-k is cheaper than the few extra calls blocks need.
 _SMALL = 16384
 # The candidate pool is cut back to its top-k whenever it holds more than this many times k.
-_PRUNE_AT = 4
+PRUNE_AT = 4
 
 
 @dataclass
@@ -60,7 +60,7 @@ def select_top_keys(sources: Sequence[KeySource], k: int, floor: float) -> tuple
         indices.append(i[keep] + source.offset)
         hidden.append(h)
         pooled += values[-1].numel()
-        if pooled > _PRUNE_AT * k:
+        if pooled > PRUNE_AT * k:
             # Keep the pool O(k) across many tensors: a candidate outside the pool's top-k has
             # k better ones, so it cannot be chosen (ties left out are refetched below).
             pool_v, pool_i = torch.cat(values), torch.cat(indices)

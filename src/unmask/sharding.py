@@ -22,6 +22,15 @@ Invariants the optimizer relies on:
   communication.
 
 Every function here that communicates says so; all ranks must call it in the same order.
+
+What this means for `SelectiveOptimizer`: build it on every rank, on the sharded model. Per
+rank: the slots, the wrapped optimizers' state, and `state_dict()` / `load_state_dict()` (each
+rank saves and loads its own, with the same number of ranks). Global (the same on every rank):
+`num_selected`, `num_changed`, `selected()`, `allocation()`, the schedule, and `delta()` (every
+rank must call it; all get the same delta, rank 0 saves it). The construction of a static
+method, `calibrate()`, `step()`, `delta()` and `clip_grad_norm_()` communicate, so every rank
+calls them equally often. Not available under FSDP: `low_memory`, `freeze_unselected`, methods
+without `supports_fsdp` ("id3-repeat").
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .index_space import split_by_tensor
 from .selection import KeySource, lexicographic_top, select_top_keys
 
 if TYPE_CHECKING:
@@ -183,7 +193,10 @@ class Shards:
     def chosen_by_tensor(self) -> list[tuple[int, Tensor]]:
         """Per candidate holding selected weights: (its position, ascending full-tensor flat
         indices of all its selected weights, on every rank)."""
-        return _split(self.chosen, self._offsets, self._offsets_list)
+        return [
+            (i, self.chosen[lo:hi] - self._offsets_list[i])
+            for i, lo, hi in split_by_tensor(self.chosen, self._offsets)
+        ]
 
     # ------------------------------------------------------------------ agreement and results
 
@@ -225,12 +238,10 @@ class Shards:
         index, delta, base = gathered
         index, order = index.sort()  # ranks own disjoint indices
         delta, base = delta[order], base[order]
-        out, start = [], 0
-        for i, flat in _split(index, self._offsets, self._offsets_list):
-            end = start + flat.numel()
-            out.append((i, flat, delta[start:end], base[start:end]))
-            start = end
-        return out
+        return [
+            (i, index[lo:hi] - self._offsets_list[i], delta[lo:hi], base[lo:hi])
+            for i, lo, hi in split_by_tensor(index, self._offsets)
+        ]
 
 
 def _rows(d0: int, world: int, rank: int) -> tuple[int, int]:
@@ -239,15 +250,3 @@ def _rows(d0: int, world: int, rank: int) -> tuple[int, int]:
     c = math.ceil(d0 / world)
     first = min(rank * c, d0)
     return first, min(first + c, d0) - first
-
-
-def _split(index: Tensor, offsets: Tensor, offsets_list: list[int]) -> list[tuple[int, Tensor]]:
-    """Ascending global indices cut per tensor: (tensor position, flat indices in that tensor)."""
-    tensor_of = torch.searchsorted(offsets, index, right=True) - 1
-    counts = torch.bincount(tensor_of, minlength=len(offsets_list)).tolist()
-    groups, start = [], 0
-    for i, c in enumerate(counts):
-        if c:
-            groups.append((i, index[start : start + c] - offsets_list[i]))
-            start += c
-    return groups
