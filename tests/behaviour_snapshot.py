@@ -38,7 +38,7 @@ def _configs() -> list[tuple[str, str, bool]]:
             if method == "bitfit" and kind == "llama":
                 continue  # no bias terms
             out.append((method, kind, False))
-            if method not in ("id3-repeat", "full"):
+            if METHODS[method].supports_low_memory:
                 out.append((method, kind, True))
     return out
 
@@ -48,13 +48,13 @@ def run(method: str, kind: str, low_memory: bool) -> dict:
     model = MODELS[kind]()
     base = snapshot(model)
     options: dict = dict(method=method, lr=1e-2, weight_decay=0.01, low_memory=low_memory)
-    if method not in ("bitfit", "full"):
+    if METHODS[method].takes_budget:
         options.update(budget="2%", total_steps=STEPS)
     if kind == "bert":
         options["dense"] = ["classifier"]
     opt = SelectiveOptimizer(model, **options)
     batches = make_batches(kind, STEPS + 2)
-    if method == "fish":
+    if METHODS[method].needs_calibration:
         opt.calibrate(batches[STEPS:])
     selected = []
     for batch in batches[:STEPS]:

@@ -24,6 +24,7 @@ import torch
 from .delta import saved_bytes
 from .files import atomic_write, atomic_write_text
 from .models import load_model, new_head_patterns, resolve_model
+from .methods import METHODS
 from .optimizer import SelectiveOptimizer
 from .tasks import Task
 from .tasks.batches import batch_order, encode
@@ -52,7 +53,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             f"--epochs {config.epochs} makes {total:,} steps; at most {MAX_STEPS:,} are allowed: "
             "give fewer --epochs or --steps"
         )
-    budget = None if config.method in ("bitfit", "full") else config.budget
+    budget = config.budget if METHODS[config.method].takes_budget else None
     opt = SelectiveOptimizer(
         model,
         method=config.method,
