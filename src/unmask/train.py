@@ -23,8 +23,8 @@ import torch
 
 from .delta import saved_bytes
 from .files import atomic_write, atomic_write_text
-from .models import load_model, new_head_patterns, resolve_model
 from .methods import METHODS
+from .models import load_model, new_head_patterns, resolve_model
 from .optimizer import SelectiveOptimizer
 from .tasks import Task
 from .tasks.batches import batch_order, encode
