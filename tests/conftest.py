@@ -1,8 +1,13 @@
-"""Tiny random models and batches shared by the tests (nothing is downloaded)."""
+"""Tiny random models, batches, data files and deltas shared by the tests (nothing is
+downloaded), and the helpers that check a refusal's message and run the CLI in process."""
 
 from __future__ import annotations
 
+import copy
+import csv
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +24,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from unmask import SelectiveOptimizer, SparseDelta
+from unmask.cli import main
+from unmask.fingerprints import tensor_hash
 
 VOCAB = 100
 
@@ -71,6 +80,17 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def bits(model: torch.nn.Module) -> dict[str, str]:
+    """Per parameter: a hash of dtype, shape and bytes (so -0.0 and 0.0 differ)."""
+    return {n: tensor_hash(p) for n, p in model.named_parameters()}
+
+
+def assert_clear(message: str, what: str, fix: str) -> None:
+    """The message names the problem (regex `what`) and the way out (regex `fix`)."""
+    assert re.search(what, message), f"does not say what was wrong ({what!r}): {message!r}"
+    assert re.search(fix, message), f"does not say how to fix it ({fix!r}): {message!r}"
+
+
 @pytest.fixture(params=sorted(MODELS))
 def model_kind(request) -> str:
     return request.param
@@ -100,6 +120,117 @@ def tiny_model_dir(tmp_path_factory):
     )
     AutoModelForSequenceClassification.from_config(config).bert.save_pretrained(folder)
     return folder
+
+
+def write_reviews(
+    path: Path,
+    rows: int = 60,
+    labels: tuple[str, ...] = ("neg", "pos"),
+    header: tuple[str, str] = ("sentence", "sentiment"),
+) -> Path:
+    """A CSV of `rows` short reviews in the words of `tiny_model_dir`'s vocabulary, labels taken
+    in turn from `labels`; the same seed every time, so a shorter file is a prefix of a longer."""
+    rng = random.Random(0)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i in range(rows):
+            word = rng.choice(WORDS[:4] if i % 2 else WORDS[4:8])
+            writer.writerow([f"the movie was {word}", labels[i % len(labels)]])
+    return path
+
+
+@pytest.fixture(scope="module")
+def reviews_csv(tmp_path_factory) -> Path:
+    """`write_reviews` with its defaults: 60 rows, columns "sentence" and "sentiment"."""
+    return write_reviews(tmp_path_factory.mktemp("data") / "reviews.csv")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, reviews_csv, tmp_path_factory) -> Path:
+    """The output folder of a finished 4-step `unmask train` on `reviews_csv`, budget 5%, with
+    a checkpoint written at its last step."""
+    out = tmp_path_factory.mktemp("run")
+    argv = train_argv(tiny_model_dir, reviews_csv, out, "--steps", "4", "--budget", "5%")
+    assert main([*argv, "--save-every", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_delta() -> tuple[BertForSequenceClassification, SparseDelta]:
+    """(base model, delta) of a tiny BERT trained 2 steps by ID3 with a dense head."""
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    opt = SelectiveOptimizer(
+        model, method="id3", budget=200, total_steps=2, lr=1e-2, dense=["classifier"]
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(0, 100, (4, 12), generator=g)
+        labels = torch.randint(0, 2, (4,), generator=g)
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return base, opt.delta()
+
+
+# The column flags `unmask train` and `unmask eval` need for `write_reviews`' files.
+COLUMNS = ["--text-column", "sentence", "--label-column", "sentiment"]
+
+
+def train_argv(model, task, out, *extra: str) -> list[str]:
+    """`unmask train` of `model` on a `write_reviews` file `task`, writing to `out`."""
+    return [
+        "train", "--model", str(model), "--task", str(task), *COLUMNS,
+        "--output", str(out), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run `unmask argv` in process: (exit code, what it wrote to stderr)."""
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def sparse_delta(
+    model: torch.nn.Module, changes: dict[str, tuple[list[int], torch.Tensor]], **replace
+) -> SparseDelta:
+    """A delta of `model` (its current values are the base) with the given flat changes
+    (name -> (flat indices, values)) and replaced tensors (name -> the whole new tensor)."""
+    params = dict(model.named_parameters())
+    names = [*changes, *replace]
+    return SparseDelta(
+        sparse={n: (torch.tensor(i, dtype=torch.int32), v) for n, (i, v) in changes.items()},
+        replace=dict(replace),
+        shapes={n: tuple(params[n].shape) for n in names},
+        dtypes={n: str(params[n].dtype).removeprefix("torch.") for n in names},
+        base_hashes={n: tensor_hash(params[n]) for n in changes},
+    )
+
+
+def numbered_delta(save: int, weights: int = 1000) -> SparseDelta:
+    """A delta whose every value and whose metadata both say which save it is (`save_of`)."""
+    indices = torch.arange(weights, dtype=torch.int32)
+    values = torch.full((weights,), float(save))
+    return SparseDelta(
+        sparse={"w": (indices, values)},
+        replace={},
+        shapes={"w": (weights,)},
+        dtypes={"w": "float32"},
+        base_hashes={"w": "0" * 32},
+        metadata={"save": save},
+    )
+
+
+def save_of(delta: SparseDelta) -> int:
+    """Which save a loaded `numbered_delta` is; fails if its config and its tensors are from
+    two saves."""
+    values = delta.sparse["w"][1]
+    save = delta.metadata["save"]
+    assert bool((values == save).all()), (
+        f"config of save {save} with tensors of save(s) {sorted(set(values.tolist()))}"
+    )
+    return save
 
 
 def launch_torchrun(script: Path, out: Path, world: int, timeout_s: float) -> float:

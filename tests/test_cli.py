@@ -1,18 +1,20 @@
-"""`unmask` CLI end to end on a tiny random model and a tiny local CSV (nothing downloaded)."""
+"""`unmask.cli`: the `unmask` command end to end on a tiny random model and a tiny local CSV
+(nothing downloaded), and the exit code and message of every bad input it refuses."""
 
 from __future__ import annotations
 
 import csv
 import json
 import random
+import re
 
 import pytest
 import torch
-from conftest import WORDS
+from conftest import COLUMNS, WORDS, assert_clear, cli, train_argv, write_reviews
 from transformers import BertForSequenceClassification as Bert
 from transformers import BertTokenizerFast
 
-from unmask import SparseDelta
+from unmask import METHODS, SparseDelta
 from unmask.cli import EXIT_USAGE, main
 
 
@@ -366,3 +368,158 @@ def test_persistent_nonfinite_gradients_stop_with_exit_4(
     state = checkpoint["optimizer"]
     assert torch.isfinite(state["delta"]).all() and torch.isfinite(state["base"]).all()
     assert all(torch.isfinite(v).all() for v in checkpoint["dense"].values())
+
+
+# ---------------------------------------------------------------- bad input exits 2
+# Each refusal exits with EXIT_USAGE and a message that says what was wrong and how to fix it
+# (`assert_clear`). `tiny_model_dir` is a tiny BERT backbone saved as a pretrained folder;
+# `reviews_csv` has non-default column names (`COLUMNS`).
+
+
+def test_cli_missing_model_folder(reviews_csv, tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    code, err = cli(train_argv(missing, reviews_csv, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"{re.escape(str(missing))}.*(not found|does not exist|no such)",
+        r"minilm|smollm2|local folder|hub name",
+    )
+
+
+def test_cli_missing_data_file(tiny_model_dir, tmp_path, capsys):
+    missing = tmp_path / "no_such.csv"
+    code, err = cli(train_argv(tiny_model_dir, missing, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err, rf"file not found: {re.escape(str(missing))}", r"check the path; built-in tasks"
+    )
+
+
+def test_cli_missing_delta_folder(tiny_model_dir, reviews_csv, tmp_path, capsys):
+    missing = tmp_path / "no_such_delta"
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", str(reviews_csv), *COLUMNS]
+    code, err = cli([*argv, "--delta", str(missing)], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"{re.escape(str(missing))}/delta_config\.json not found",
+        r"a delta folder holds delta_config\.json and delta\.safetensors",
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        "sentence,sentiment\ncaf\u00e9 au lait,pos\nna\u00efve,neg\n".encode("latin-1"),
+        "sentence,sentiment\ngood,pos\nbad,neg\n".encode("utf-16"),
+    ],
+    ids=["binary-garbage", "latin-1", "utf-16"],
+)
+def test_cli_unreadable_csv(tiny_model_dir, tmp_path, capsys, content):
+    path = tmp_path / "data.csv"
+    path.write_bytes(content)
+    code, err = cli(train_argv(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, rf"could not read {re.escape(str(path))}", r"as UTF-8 text")
+
+
+@pytest.mark.parametrize(
+    ("header", "flags", "found"),
+    [
+        (("sentence", "sentiment"), [], r"\['sentence', 'sentiment'\]"),
+        (("sentence", "score"), ["--text-column", "sentence"], r"\['sentence', 'score'\]"),
+    ],
+    ids=["default-names", "label-column-missing"],
+)
+def test_cli_csv_without_text_or_label_column(
+    tiny_model_dir, tmp_path, capsys, header, flags, found
+):
+    path = write_reviews(tmp_path / "data.csv", header=header, rows=20)
+    argv = ["train", "--model", str(tiny_model_dir), "--task", str(path), *flags]
+    code, err = cli([*argv, "--output", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, rf"columns {found}", r"rename the columns or pass text_column=")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "sentence,sentiment\n", "sentence,sentiment\n\n,\n\n"],
+    ids=["zero-bytes", "header-only", "blank-rows"],
+)
+def test_cli_empty_dataset(tiny_model_dir, tmp_path, capsys, content):
+    path = tmp_path / "data.csv"
+    path.write_text(content, encoding="utf-8")
+    code, err = cli(train_argv(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"{re.escape(str(path))} (is empty|has no data rows)",
+        r"needs a header row and at least one data row|empty dataset",
+    )
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_cli_label_unseen_in_training(tiny_model_dir, tmp_path, capsys, split):
+    path = tmp_path / "data.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "sentiment", "split"])
+        for i in range(20):
+            writer.writerow([f"the movie was {WORDS[i % 8]}", ("neg", "pos")[i % 2], "train"])
+        writer.writerow(["the movie was fine", "pos", "validation"])
+        writer.writerow(["the movie was sad", "neg", "test"])
+        writer.writerow(["the movie was", "neutral", split])
+    code, err = cli(train_argv(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"label 'neutral' appears in the {split} split but never in train "
+        r"\(train labels: \['neg', 'pos'\]\)",
+        r"add training examples with it or remove those rows",
+    )
+
+
+@pytest.mark.parametrize(
+    "labels", [("bad", "good"), ("a", "b", "c")], ids=["same-count", "three-labels"]
+)
+def test_cli_eval_with_labels_unseen_in_training(
+    trained_run, tiny_model_dir, tmp_path, capsys, labels
+):
+    path = write_reviews(tmp_path / "other.csv", labels=labels, rows=60)
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", str(path), *COLUMNS]
+    code, err = cli([*argv, "--delta", str(trained_run / "delta")], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, rf"label.*{labels[0]}.*\['neg', 'pos'\]", r"labels? (it was )?trained on")
+
+
+@pytest.mark.parametrize(
+    ("flags", "what", "fix"),
+    [
+        (["--budget", "ten"], r"cannot read budget 'ten'", r"use a count"),
+        (["--budget", "10M"], r"10,000,000 weights, but only [\d,]+", r"lower the budget"),
+        (["--score-eps", "0"], r"score_eps .*got 0\.0", r"positive finite number"),
+        (["--score-exp", "nan"], r"score_exp .*got nan", r"finite number"),
+        (["--steps", "-3"], r"--steps .*got -3", r"positive integer"),
+        (["--steps", "0"], r"--steps.*0", r"positive"),
+        (["--epochs", "0"], r"--epochs.*0", r"positive"),
+        (["--batch-size", "0"], r"--batch-size.*0", r"positive"),
+    ],
+    ids=["budget-ten", "budget-too-large", "score-eps-0", "score-exp-nan", "steps-negative",
+         "steps-0", "epochs-0", "batch-size-0"],
+)  # fmt: skip
+def test_cli_bad_training_option(tiny_model_dir, reviews_csv, tmp_path, capsys, flags, what, fix):
+    code, err = cli(train_argv(tiny_model_dir, reviews_csv, tmp_path / "out", *flags), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, what, fix)
+
+
+def test_cli_unknown_method_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--method", "lora"])
+    assert exit_.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert_clear(err, r"invalid choice: 'lora'", r"choose from")
+    for name in METHODS:
+        assert name in err

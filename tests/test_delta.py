@@ -1,4 +1,5 @@
-"""SparseDelta end to end: train tiny models; save, load, apply, remove, add; refuse bad input."""
+"""`unmask.delta.SparseDelta` end to end: train tiny models; save, load, apply, remove, add;
+refuse bad input."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import hashlib
 import json
 import math
 import pickle
+import re
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clear
 from safetensors.torch import save_file
 from torch import nn
 
@@ -431,6 +434,64 @@ def test_remove_from_a_model_in_another_dtype_is_refused(bert_sparse):
     with pytest.raises(DeltaError, match=r"is float64"):
         delta.remove_(model)
     assert_params_equal(model, before)
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Like `assert_params_equal`, skipping the parameters on the meta device (no values)."""
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        assert p.dtype == before[name].dtype and torch.equal(p.detach(), before[name]), name
+
+
+@pytest.mark.parametrize(
+    ("convert", "name", "got"),
+    [
+        (lambda m: m.half(), "bert.embeddings.word_embeddings.weight", "float16"),
+        (lambda m: m.double(), "bert.embeddings.word_embeddings.weight", "float64"),
+        (lambda m: m.classifier.double(), "classifier.weight", "float64"),
+    ],
+    ids=["model-fp16", "model-fp64", "head-only-fp64"],
+)
+def test_delta_applied_to_a_model_in_another_dtype(trained_delta, convert, name, got):
+    base, delta = trained_delta
+    model = copy.deepcopy(base)
+    convert(model)
+    before = snapshot(model)
+    with pytest.raises(DeltaError) as err:
+        delta.apply_(model)
+    assert_clear(
+        str(err.value),
+        rf"parameter {re.escape(name)} is {got}, the delta was trained in float32",
+        r"load the model with (torch_)?dtype=float32",
+    )
+    assert_unchanged(model, before)
+
+
+# Only a CPU exists on the machines these tests run on, so "a parameter on another device" is
+# simulated with torch's 'meta' device: a tensor with shape and dtype but no storage, which is
+# what a model built under init_empty_weights / device_map="meta" holds until its weights are
+# loaded. (On a real second device, e.g. cuda, apply_ moves the values to the parameter's device
+# by design; that path is not exercised here.)
+
+
+def test_delta_applied_to_a_model_on_the_meta_device(trained_delta):
+    base, delta = trained_delta
+    model = copy.deepcopy(base).to("meta")
+    with pytest.raises(DeltaError) as err:
+        delta.apply_(model)
+    assert_clear(str(err.value), r"meta", r"load|materiali[sz]e|to\(")
+
+
+def test_delta_applied_to_a_model_with_one_tensor_on_the_meta_device(trained_delta):
+    base, delta = trained_delta
+    model = copy.deepcopy(base)
+    model.classifier.weight = torch.nn.Parameter(model.classifier.weight.detach().to("meta"))
+    before = snapshot(model)
+    with pytest.raises(DeltaError) as err:
+        delta.apply_(model)
+    assert_clear(str(err.value), r"classifier\.weight.*meta", r"load|materiali[sz]e|to\(")
+    assert_unchanged(model, before)
 
 
 # ---------------------------------------------------------------------------- adding deltas
