@@ -10,12 +10,13 @@ import re
 
 import pytest
 import torch
+import transformers
 from conftest import COLUMNS, WORDS, assert_clear, cli, train_argv, write_reviews
 from transformers import BertForSequenceClassification as Bert
 from transformers import BertTokenizerFast
 
 from unmask import METHODS, SparseDelta
-from unmask.cli import EXIT_USAGE, main
+from unmask.cli import EXIT_OK, EXIT_USAGE, main
 
 
 @pytest.fixture(scope="module")
@@ -505,14 +506,39 @@ def test_cli_eval_with_labels_unseen_in_training(
         (["--steps", "0"], r"--steps.*0", r"positive"),
         (["--epochs", "0"], r"--epochs.*0", r"positive"),
         (["--batch-size", "0"], r"--batch-size.*0", r"positive"),
+        *[
+            (flags, rf"{flags[0]} must be a finite number >= 0, got", r"finite number")
+            for flags in [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "nan"],
+                          ["--weight-decay", "-1"]]
+        ],
+        (
+            ["--steps", "2", "--train-size", "1"],
+            r"training split of task 'reviews' has examples of only 1 label \['(neg|pos)'\]",
+            r"at least 2 distinct labels: use more training examples \(--train-size\)",
+        ),
     ],
     ids=["budget-ten", "budget-too-large", "score-eps-0", "score-exp-nan", "steps-negative",
-         "steps-0", "epochs-0", "batch-size-0"],
+         "steps-0", "epochs-0", "batch-size-0", "lr-inf", "lr-nan", "weight-decay-nan",
+         "weight-decay-negative", "train-size-keeping-one-label"],
 )  # fmt: skip
-def test_cli_bad_training_option(tiny_model_dir, reviews_csv, tmp_path, capsys, flags, what, fix):
-    code, err = cli(train_argv(tiny_model_dir, reviews_csv, tmp_path / "out", *flags), capsys)
+def test_cli_bad_training_option_exits_2_before_training(
+    tiny_model_dir, reviews_csv, tmp_path, capsys, flags, what, fix
+):
+    out = tmp_path / "out"
+    code, err = cli(train_argv(tiny_model_dir, reviews_csv, out, *flags), capsys)
     assert code == EXIT_USAGE
     assert_clear(err, what, fix)
+    assert "Traceback" not in err
+    assert not (out / "train_log.jsonl").exists()  # refused before the first step
+
+
+def test_cli_single_label_data_exits_2(tiny_model_dir, tmp_path, capsys):
+    path = write_reviews(tmp_path / "one.csv", rows=30, labels=("pos",))
+    out = tmp_path / "out"
+    code, err = cli(train_argv(tiny_model_dir, path, out, "--steps", "2"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, r"every training example has the label 'pos'", r"at least 2 distinct")
+    assert not (out / "report.json").exists()
 
 
 def test_cli_unknown_method_lists_the_valid_ones(capsys):
@@ -523,3 +549,53 @@ def test_cli_unknown_method_lists_the_valid_ones(capsys):
     assert_clear(err, r"invalid choice: 'lora'", r"choose from")
     for name in METHODS:
         assert name in err
+
+
+def test_flags_equal_to_their_defaults_override_the_config_file(
+    tiny_model_dir, reviews_csv, tmp_path
+):
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'model = "{tiny_model_dir}"\ntask = "{reviews_csv}"\n'
+        'text_column = "sentence"\nlabel_column = "sentiment"\n'
+        'method = "pafi"\nbudget = "2%"\nsteps = 3\nlr = 0.5\nseed = 7\nprogress = false\n'
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--output", str(out), "--steps", "2"]
+    # Each of these flags equals its default (see `unmask train --help`).
+    argv += ["--lr", "0.001", "--method", "id3", "--seed", "0"]
+    assert main(argv) == EXIT_OK
+    used = json.loads((out / "report.json").read_text())["config"]
+    assert (used["lr"], used["method"], used["seed"], used["steps"]) == (0.001, "id3", 0, 2)
+    assert used["budget"] == "2%"  # not given on the command line: the file's value
+    assert used["progress"] is False  # no --no-progress flag: the file's value stays
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_cli_merge_onto_an_existing_file_exits_2(trained_run, tiny_model_dir, tmp_path, capsys):
+    target = tmp_path / "merged.bin"
+    target.write_bytes(b"keep me")
+    argv = ["merge", "--delta", str(trained_run / "delta"), "--model", str(tiny_model_dir)]
+    code, err = cli([*argv, "--output", str(target)], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, rf"--output {re.escape(str(target))} exists and is not a folder", r"new path")
+    assert target.read_bytes() == b"keep me"
+
+
+def test_cli_merge_checks_that_the_files_were_written(
+    trained_run, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    # transformers' save_pretrained logs some failures and returns as if it had saved.
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", lambda *a, **k: None)
+    out = tmp_path / "merged"
+    argv = ["merge", "--delta", str(trained_run / "delta"), "--model", str(tiny_model_dir)]
+    code, err = cli([*argv, "--output", str(out)], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"saving the merged model to {re.escape(str(out))} failed: config\.json and the "
+        r"weights .*not written",
+        r"writable.*run merge again",
+    )

@@ -1,4 +1,4 @@
-"""Every file the package writes goes through `unmask.files.atomic_write`, so it follows the
+"""`unmask.files`: every file the package writes goes through `atomic_write`, so it follows the
 process umask like a plain open() and no temporary file is left next to it."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 from conftest import tiny_bert
 
 import unmask
-from unmask import resources
+from unmask import SparseDelta, resources
 from unmask.cli import main
+from unmask.files import atomic_write, atomic_write_text
 
 
 @contextlib.contextmanager
@@ -25,6 +26,33 @@ def umask(mask: int) -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077, 0o027])
+def test_atomic_write_follows_the_umask_like_open(tmp_path, mask):
+    with umask(mask):
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        atomic_write_text(tmp_path / "new.txt", "x")
+        (tmp_path / "old.txt").write_text("old")
+        os.chmod(tmp_path / "old.txt", 0o600)
+        atomic_write(tmp_path / "old.txt", lambda tmp: tmp.write_bytes(b"new"))
+    expected = 0o666 & ~mask
+    assert mode(tmp_path / "plain.txt") == expected
+    assert mode(tmp_path / "new.txt") == expected
+    assert mode(tmp_path / "old.txt") == expected and (tmp_path / "old.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "old.txt", "plain.txt"]
+
+
+def test_saved_delta_files_follow_the_umask(trained_run, tmp_path):
+    with umask(0o022):
+        SparseDelta.from_pretrained(trained_run / "delta").save_pretrained(tmp_path / "delta")
+    saved = sorted((tmp_path / "delta").iterdir())
+    assert saved and all(mode(p) == 0o644 for p in saved), {p.name: oct(mode(p)) for p in saved}
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])

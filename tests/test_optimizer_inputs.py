@@ -92,6 +92,41 @@ def test_a_number_out_of_its_range_is_refused(option, value):
     assert_clear(str(err.value), rf"{option} .*got {value}", IN_RANGE[option])
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "adam_step", "options", "name"),
+    [
+        (torch.optim.AdamW, "per-weight", {"lr": INF}, "lr"),
+        (torch.optim.AdamW, "per-weight", {"lr": NAN}, "lr"),
+        (torch.optim.AdamW, "global", {"lr": INF}, "lr"),
+        (torch.optim.Adam, "per-weight", {"weight_decay": NAN}, "weight_decay"),
+        (torch.optim.AdamW, "per-weight", {"eps": NAN}, "eps"),
+        (torch.optim.AdamW, "global", {"betas": (0.9, INF)}, "betas"),
+        (torch.optim.AdamW, "per-weight", {"lr": torch.tensor(INF)}, "lr"),
+        (torch.optim.SGD, "per-weight", {"lr": INF}, "lr"),
+        (torch.optim.SGD, "per-weight", {"lr": 0.1, "momentum": NAN}, "momentum"),
+        (torch.optim.RMSprop, "global", {"alpha": INF}, "alpha"),
+    ],
+    ids=lambda v: getattr(v, "__name__", None) or (v if isinstance(v, str) else None),
+)
+def test_selective_optimizer_refuses_nonfinite_optimizer_options(
+    optimizer, adam_step, options, name
+):
+    model = tiny_bert()
+    with pytest.raises(ValueError) as err:
+        SelectiveOptimizer(
+            model, "id3", budget=100, total_steps=5, optimizer=optimizer, adam_step=adam_step,
+            dense=[r"^classifier\."], **options,
+        )  # fmt: skip
+    assert_clear(
+        str(err.value),
+        rf"{optimizer.__name__} option {name}=.* is not finite",
+        rf"pass a finite number for {name}",
+    )
+
+
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ValueError) as err:
         SelectiveOptimizer(tiny_bert(), method="lora", budget=10, total_steps=3)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_reliability_part2 import train_argv as part2_train_argv
-from test_reliability_part2 import write_reviews
+from conftest import train_argv as part2_train_argv
+from conftest import write_reviews
 
 import unmask
 from unmask import DeltaError, SparseDelta

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
-from test_reliability_part2 import assert_clear, cli, train_argv, write_reviews
+from conftest import assert_clear, cli, tiny_bert, train_argv, write_reviews
 from torch import nn
 
 from unmask import SelectiveOptimizer, SparseDelta
