@@ -208,6 +208,20 @@ def sparse_delta(
     )
 
 
+@pytest.fixture
+def head_delta(tiny_model_dir) -> SparseDelta:
+    """A delta of `tiny_model_dir`'s BERT with one changed weight and a replaced 2-label head,
+    its base model recorded; a new one for each test."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    delta = sparse_delta(
+        model,
+        {"bert.encoder.layer.0.output.dense.weight": ([3], torch.tensor([0.1]))},
+        **{n: p.detach().clone() for n, p in model.named_parameters() if "classifier" in n},
+    )
+    delta.metadata["base_model"] = str(tiny_model_dir)
+    return delta
+
+
 def numbered_delta(save: int, weights: int = 1000) -> SparseDelta:
     """A delta whose every value and whose metadata both say which save it is (`save_of`)."""
     indices = torch.arange(weights, dtype=torch.int32)

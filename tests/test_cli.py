@@ -599,3 +599,33 @@ def test_cli_merge_checks_that_the_files_were_written(
         r"weights .*not written",
         r"writable.*run merge again",
     )
+
+
+@pytest.mark.parametrize(
+    ("labels", "what"),
+    [
+        ([str(i) for i in range(500_000)], r"list of 2 to 100,000 labels, got 500000"),
+        (["a", "b", "c"], r"has 3 labels, but no tensor of the delta has that many rows"),
+        ([0, 1], r"must be strings"),
+        (["a", "a"], r"repeat a label"),
+        ("ab", r"must be a list"),
+        (["only"], r"list of 2 to"),
+    ],
+    ids=["half-a-million", "more-than-the-head", "not-strings", "repeated", "a-string", "one"],
+)
+def test_merge_checks_label_metadata_before_building_a_model(
+    head_delta, labels, what, tmp_path, monkeypatch, capsys
+):
+    head_delta.metadata["label_names"] = labels
+    head_delta.save_pretrained(tmp_path / "d")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built before the label metadata was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", never)
+    out = tmp_path / "merged"
+    assert main(["merge", "--delta", str(tmp_path / "d"), "--output", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert_clear(err, what, r"corrupt")
+    assert not out.exists()

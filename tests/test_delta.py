@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clear
+from conftest import assert_clear, bits, sparse_delta, tiny_bert
 from safetensors.torch import save_file
 from torch import nn
 
 import unmask
 import unmask.delta_format
 import unmask.fingerprints
-from unmask import DeltaError, SparseDelta
+from unmask import DeltaError, SelectiveOptimizer, SparseDelta
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,6 +134,31 @@ def header_length(path: Path) -> int:
 
 def last_sparse_name(delta: SparseDelta) -> str:
     return list(delta.sparse)[-1]
+
+
+class Two(nn.Module):
+    """A linear layer, then a conv layer (channels_last when asked), then another linear one."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 4).to(dtype)
+        self.conv = nn.Conv2d(3, 4, 3).to(dtype)
+        self.last = nn.Linear(4, 2).to(dtype)
+        if channels_last:
+            self.conv.to(memory_format=torch.channels_last)
+
+
+def random_delta(model: nn.Module, seed: int, scale: float) -> SparseDelta:
+    """A delta of every third weight of each tensor, with values of magnitude ~`scale`."""
+    gen = torch.Generator().manual_seed(seed)
+    sparse, base_values = {}, {}
+    for name, p in model.named_parameters():
+        index = torch.randperm(p.numel(), generator=gen)[: p.numel() // 3].sort().values
+        values = torch.randn(index.numel(), generator=gen) * scale
+        sparse[name] = (index.to(torch.int32), values)
+        base_values[name] = p.detach().reshape(-1)[index].float()
+    return SparseDelta.from_training(model, sparse, base_values, {}, {})
 
 
 # ---------------------------------------------------------------------------- shared fixtures
@@ -257,6 +282,60 @@ def test_remove_of_a_delta_with_replaced_tensors_is_refused(bert_dense):
     with pytest.raises(DeltaError, match=r"replaces whole tensors"):
         delta.remove_(model)
     assert_params_equal(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_remove_refuses_a_model_that_never_had_the_delta(dtype):
+    model = Two(dtype)
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(20, generator=generator) * 1e-2
+    delta = sparse_delta(
+        model,
+        {
+            "first.weight": (list(range(0, 16, 2)), values[:8]),
+            "conv.weight": ([1, 9], values[8:10]),
+        },
+    )
+    before = bits(model)
+    with pytest.raises(DeltaError) as err:  # the old code subtracted silently
+        delta.remove_(model)
+    assert_clear(str(err.value), r"does not hold base \+ delta", r"reload the base model")
+    assert bits(model) == before
+    # A model that has it: removed, back to the base's values.
+    delta.apply_(model)
+    applied = bits(model)
+    assert applied != before
+    delta.remove_(model)
+    for (name, a), b in zip(model.named_parameters(), Two(dtype).parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-2, atol=0), name
+    # A model to which another delta was applied is refused as well.
+    model = Two(dtype)
+    other = sparse_delta(model, {"conv.weight": ([0, 1], values[10:12])})
+    other.apply_(model)
+    changed = bits(model)
+    with pytest.raises(DeltaError, match=r"does not hold base \+ delta"):
+        delta.remove_(model)
+    assert bits(model) == changed
+
+
+def test_remove_of_a_trained_delta_works_and_refuses_the_base():
+    base = tiny_bert(0)
+    trained = copy.deepcopy(base)
+    opt = SelectiveOptimizer(trained, method="id3", budget=400, total_steps=3, lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(5, 20, (4, 8), generator=generator)
+        trained(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    delta = opt.delta()
+    before = bits(base)
+    with pytest.raises(DeltaError, match=r"was not applied"):
+        delta.remove_(base)
+    assert bits(base) == before
+    delta.remove_(trained)
+    for (name, a), b in zip(trained.named_parameters(), base.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
 
 
 # ---------------------------------------------------------------------------- file size
@@ -492,6 +571,106 @@ def test_delta_applied_to_a_model_with_one_tensor_on_the_meta_device(trained_del
         delta.apply_(model)
     assert_clear(str(err.value), r"classifier\.weight.*meta", r"load|materiali[sz]e|to\(")
     assert_unchanged(model, before)
+
+
+# Every write into a model is computed and checked (after the cast to the parameter's dtype)
+# before the first one; a refusal leaves the model bit-identical.
+
+
+def overflowing(values: torch.Tensor) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """Fine changes of first.weight, then `values` (too large for the model's dtype) in
+    last.bias."""
+    fine = torch.full((3,), 0.5, dtype=values.dtype)
+    return {"first.weight": ([0, 1, 2], fine), "last.bias": ([1], values)}
+
+
+@pytest.mark.parametrize(
+    ("model", "changes"),
+    [
+        pytest.param(
+            {"dtype": torch.float32},
+            overflowing(torch.tensor([1e300], dtype=torch.float64)),
+            id="fp64-1e300-into-fp32",
+        ),
+        pytest.param(
+            {"dtype": torch.float16},
+            overflowing(torch.tensor([1e5], dtype=torch.float32)),
+            id="fp32-1e5-into-fp16",
+        ),
+        pytest.param(
+            {"dtype": torch.bfloat16},
+            overflowing(torch.tensor([1e300], dtype=torch.float64)),
+            id="fp64-1e300-into-bf16",
+        ),
+        pytest.param(
+            {"channels_last": True},
+            {
+                "first.weight": ([0], torch.ones(1)),
+                "conv.weight": ([3], torch.ones(1)),
+                "last.bias": ([0], torch.tensor([1e300], dtype=torch.float64)),
+            },
+            id="channels-last-model",
+        ),
+    ],
+)
+def test_apply_refuses_finite_values_that_overflow_the_parameters_dtype(model, changes):
+    model = Two(**model)
+    delta = sparse_delta(model, changes)
+    before = bits(model)
+    with pytest.raises(DeltaError) as err:
+        delta.apply_(model)
+    assert_clear(str(err.value), r"last\.bias.*overflow", r"another dtype")
+    assert bits(model) == before  # first.weight, changed earlier in the old code, is untouched
+
+
+def test_replaced_tensor_in_another_dtype_than_recorded_is_refused(tmp_path):
+    model = Two()
+    head = torch.full((2,), 1e300, dtype=torch.float64)  # finite, but inf as the fp32 parameter
+    with pytest.raises(DeltaError, match=r"last\.bias is float64.*records.*float32"):
+        sparse_delta(model, {}, **{"last.bias": head})
+    # Through a file: a saved fp32 head rewritten as float64 is refused on load.
+    good = sparse_delta(model, {}, **{"last.bias": torch.ones(2)})
+    good.replace["last.bias"] = head
+    good.save_pretrained(tmp_path / "d")
+    with pytest.raises(DeltaError, match=r"records its parameter as float32"):
+        SparseDelta.from_pretrained(tmp_path / "d")
+
+
+def test_replaced_tensor_that_overflows_after_the_cast_is_refused():
+    """Defence in depth: a delta edited after it was checked is checked again at apply_."""
+    model = Two(torch.float16)
+    delta = sparse_delta(
+        model, {"first.weight": ([0], torch.ones(1))}, **{"last.bias": torch.ones(2).half()}
+    )
+    delta.replace["last.bias"] = torch.tensor([1.0, 1e300], dtype=torch.float64)
+    before = bits(model)
+    with pytest.raises(DeltaError, match=r"NaN or infinite value\(s\) into last\.bias"):
+        delta.apply_(model)
+    assert bits(model) == before
+
+
+def test_apply_to_a_channels_last_conv_weight_writes_the_logical_positions():
+    plain, strided = Two(), Two(channels_last=True)
+    assert not strided.conv.weight.is_contiguous()
+    changes = {
+        "first.weight": ([0, 5], torch.tensor([0.25, -0.5])),
+        "conv.weight": ([0, 7, 100, 107], torch.tensor([1.0, 2.0, 3.0, 4.0])),
+    }
+    delta = sparse_delta(plain, changes)
+    delta.apply_(plain)
+    delta.apply_(strided)  # the old code raised from .view(-1) after changing first.weight
+    assert not strided.conv.weight.is_contiguous()
+    for (name, a), b in zip(plain.named_parameters(), strided.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    delta.remove_(strided)  # within one rounding step of the base (values > the weights here)
+    for (name, a), b in zip(strided.named_parameters(), Two().parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+
+
+def test_labels_of_a_good_delta_are_returned(head_delta):
+    assert head_delta.labels() is None
+    head_delta.metadata["label_names"] = ["neg", "pos"]
+    assert head_delta.labels() == ["neg", "pos"]
 
 
 # ---------------------------------------------------------------------------- adding deltas

@@ -1,5 +1,6 @@
-"""`unmask.optimizer.SelectiveOptimizer`'s input checking: bad arguments are refused with a
-ValueError whose message says what was wrong and how to fix it (`assert_clear`).
+"""`unmask.optimizer.SelectiveOptimizer`'s input checking: bad constructor arguments and bad
+checkpoints given to `load_state_dict` are refused with a ValueError whose message says what was
+wrong and how to fix it (`assert_clear`), before anything changes.
 
 What the optimizer does with good input is in `tests/test_optimizer.py`.
 """
@@ -11,7 +12,8 @@ import re
 
 import pytest
 import torch
-from conftest import assert_clear, tiny_bert, tiny_llama
+from conftest import assert_clear, bits, tiny_bert, tiny_llama
+from torch import nn
 
 from unmask import METHODS, SelectiveOptimizer
 
@@ -179,3 +181,80 @@ def test_no_sparse_candidate_left():
         r"no parameter is a candidate for method 'id3'",
         r"check the include/exclude/dense patterns and that parameters require grad",
     )
+
+
+# ---------------------------------------------------------------- load_state_dict
+# The whole checkpoint is checked before the optimizer changes or a weight is written.
+
+
+def trained_state(**shapes: int) -> dict:
+    """The state_dict of ID3 after 3 steps on a tiny BERT (`shapes` override its config)."""
+    model = tiny_bert(0, **shapes)
+    opt = SelectiveOptimizer(model, method="id3", budget=400, total_steps=3, lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(5, 20, (4, 8), generator=generator)
+        model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt.state_dict()
+
+
+def fresh_optimizer() -> tuple[nn.Module, SelectiveOptimizer]:
+    model = tiny_bert(0)
+    return model, SelectiveOptimizer(model, method="id3", budget=400, total_steps=3, lr=1e-2)
+
+
+def test_load_state_dict_from_a_model_with_other_shapes_changes_nothing():
+    state = trained_state(intermediate_size=96)  # same parameter names, other shapes
+    model, opt = fresh_optimizer()
+    before = bits(model)
+    with pytest.raises(ValueError) as err:  # the old code: IndexError after writing 3 tensors
+        opt.load_state_dict(state)
+    assert_clear(str(err.value), r"outside their tensors", r"model it was saved from")
+    assert bits(model) == before
+    assert opt.num_selected == 0 and opt.steps_done == 0
+
+
+def nonfinite_slot(where: str):
+    """A damage: the last slot's value in state[`where`] set to inf."""
+
+    def damage(state: dict) -> None:
+        state[where] = state[where].clone()
+        state[where][-1] = float("inf")
+
+    return damage
+
+
+def shorter_exp_avg(state: dict) -> None:
+    """A damage: the wrapped optimizer's exp_avg one slot short."""
+    inner = state["sparse_optimizer"]["state"]
+    key = next(iter(inner))
+    inner[key]["exp_avg"] = inner[key]["exp_avg"][:-1].clone()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        pytest.param(nonfinite_slot("delta"), r"NaN or overflow", id="nonfinite-delta"),
+        pytest.param(nonfinite_slot("base"), r"NaN or overflow", id="nonfinite-base"),
+        pytest.param(
+            shorter_exp_avg, r"optimizer state 'exp_avg' has shape", id="optimizer-state-shape"
+        ),
+    ],
+)
+def test_load_state_dict_refuses_a_damaged_state(damage, message):
+    state = trained_state()
+    damage(state)
+    model, opt = fresh_optimizer()
+    before = bits(model)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
+    assert bits(model) == before and opt.num_selected == 0
+
+
+def test_load_state_dict_of_a_good_state_still_restores_the_weights():
+    state = trained_state()
+    model, opt = fresh_optimizer()
+    opt.load_state_dict(state)
+    assert opt.num_selected > 0 and opt.steps_done == 3
