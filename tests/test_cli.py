@@ -511,6 +511,14 @@ def test_cli_eval_with_labels_unseen_in_training(
             for flags in [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "nan"],
                           ["--weight-decay", "-1"]]
         ],
+        (["--max-length", "33"], r"--max-length 33 is more than the model's 32 positions",
+         r"give --max-length 32 or less"),
+        (["--max-length", "-1"], r"--max-length must be a positive integer", r"positive integer"),
+        (["--epochs", "1e309"], r"--epochs must be a positive finite number, got inf",
+         r"positive finite number"),
+        (["--seed", str(2**64)], r"--seed must be an integer from -2\*\*63 to 2\*\*64 - 1",
+         r"an integer from"),
+        (["--save-every", "-1"], r"--save-every must be an integer >= 0", r"integer >= 0"),
         (
             ["--steps", "2", "--train-size", "1"],
             r"training split of task 'reviews' has examples of only 1 label \['(neg|pos)'\]",
@@ -519,14 +527,15 @@ def test_cli_eval_with_labels_unseen_in_training(
     ],
     ids=["budget-ten", "budget-too-large", "score-eps-0", "score-exp-nan", "steps-negative",
          "steps-0", "epochs-0", "batch-size-0", "lr-inf", "lr-nan", "weight-decay-nan",
-         "weight-decay-negative", "train-size-keeping-one-label"],
+         "weight-decay-negative", "max-length-above-positions", "max-length-negative",
+         "epochs-inf", "seed-2**64", "save-every-negative", "train-size-keeping-one-label"],
 )  # fmt: skip
 def test_cli_bad_training_option_exits_2_before_training(
     tiny_model_dir, reviews_csv, tmp_path, capsys, flags, what, fix
 ):
     out = tmp_path / "out"
     code, err = cli(train_argv(tiny_model_dir, reviews_csv, out, *flags), capsys)
-    assert code == EXIT_USAGE
+    assert code == EXIT_USAGE, err
     assert_clear(err, what, fix)
     assert "Traceback" not in err
     assert not (out / "train_log.jsonl").exists()  # refused before the first step
@@ -549,6 +558,25 @@ def test_cli_unknown_method_lists_the_valid_ones(capsys):
     assert_clear(err, r"invalid choice: 'lora'", r"choose from")
     for name in METHODS:
         assert name in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("job.yaml", "lr: 1e-2\n", r"lr \(--lr\) must be a number, got '1e-2' \(str\).*1\.0e-2"),
+        ("job.toml", 'steps = "5"\n', r"steps \(--steps\) must be an integer or unset, got '5'"),
+        ("job.toml", "batch_size = 2.5\n", r"batch_size \(--batch-size\) must be an integer"),
+    ],
+    ids=["yaml-lr-string", "toml-steps-string", "toml-batch-size-float"],
+)
+def test_config_values_of_the_wrong_type_exit_2(
+    tiny_model_dir, reviews_csv, tmp_path, capsys, name, text, message
+):
+    (tmp_path / name).write_text(text)
+    config = ["--budget", "5%", "--config", str(tmp_path / name)]
+    code, err = cli(train_argv(tiny_model_dir, reviews_csv, tmp_path / "run", *config), capsys)
+    assert code == EXIT_USAGE, err
+    assert re.search(message, err), err
 
 
 def test_flags_equal_to_their_defaults_override_the_config_file(

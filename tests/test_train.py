@@ -6,14 +6,16 @@ Runs go through `unmask.cli.main` in process on `tiny_model_dir` and `reviews_cs
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_clear, cli, train_argv
 
 from unmask.cli import EXIT_OK, EXIT_USAGE, main
-from unmask.train import read_train_log
+from unmask.train import CHECKPOINT_FILE, read_train_log
 
 
 def resume_argv(model, task, out) -> list[str]:
@@ -38,6 +40,46 @@ def test_cli_resume_without_checkpoint(tiny_model_dir, reviews_csv, tmp_path, ca
     code, err = cli(argv, capsys)
     assert code == EXIT_USAGE
     assert_clear(err, rf"no checkpoint at {re.escape(str(out))}", r"run without --resume")
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny_model_dir, reviews_csv, tmp_path_factory) -> Path:
+    """A 2-step run with a checkpoint after each step."""
+    out = tmp_path_factory.mktemp("run")
+    flags = ["--budget", "5%", "--steps", "2", "--save-every", "1"]
+    assert main(train_argv(tiny_model_dir, reviews_csv, out, *flags)) == EXIT_OK
+    return out
+
+
+def no_rng(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    del state["torch_rng"]
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (lambda p: p.write_bytes(random.Random(0).randbytes(5000)), r"cannot be read"),
+        (lambda p: p.write_bytes(b""), r"cannot be read"),
+        (no_rng, r"lacks \['torch_rng'\]"),
+    ],
+    ids=["random-bytes", "empty", "no-torch_rng"],
+)
+def test_resume_from_a_damaged_checkpoint_exits_2(
+    checkpointed_run, tiny_model_dir, reviews_csv, tmp_path, capsys, damage, what
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (CHECKPOINT_FILE, "train_log.jsonl"):
+        (out / name).write_bytes((checkpointed_run / name).read_bytes())
+    damage(out / CHECKPOINT_FILE)
+    flags = ["--budget", "5%", "--steps", "2", "--resume"]
+    code = main(train_argv(tiny_model_dir, reviews_csv, out, *flags))
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert re.search(rf"--resume: checkpoint .*checkpoint\.pt {what}", err), err
+    assert re.search(r"delete it and run without --resume", err), err
 
 
 # ---------------------------------------------------------------- the step log
