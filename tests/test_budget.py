@@ -184,6 +184,16 @@ def case(budget: str, through: str, what: str, fix: str):
                  HOW_TO_WRITE)
             for budget in ["0.1%%", "ten", "-5K"]
         ],
+        *[
+            case(budget, "resolve_budget",
+                 rf"cannot read budget {re.escape(repr(budget))}: ',' is not part of a number",
+                 r"write decimals with a dot \('0\.1%'")
+            for budget in ["0,1%", "1,5M", "100,000", "0,001"]
+        ],
+        *[
+            case(budget, "resolve_budget", r"is not part of a number", r"use a count \(5000")
+            for budget in ["1_000", "5 %", "1e3"]
+        ],
     ],
 )  # fmt: skip
 def test_a_malformed_budget_string_says_what_to_write(budget, through, what, fix):

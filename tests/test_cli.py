@@ -500,6 +500,7 @@ def test_cli_eval_with_labels_unseen_in_training(
     [
         (["--budget", "ten"], r"cannot read budget 'ten'", r"use a count"),
         (["--budget", "10M"], r"10,000,000 weights, but only [\d,]+", r"lower the budget"),
+        (["--budget", "0,1%"], r"cannot read budget '0,1%'", r"write decimals with a dot"),
         (["--score-eps", "0"], r"score_eps .*got 0\.0", r"positive finite number"),
         (["--score-exp", "nan"], r"score_exp .*got nan", r"finite number"),
         (["--steps", "-3"], r"--steps .*got -3", r"positive integer"),
@@ -525,10 +526,11 @@ def test_cli_eval_with_labels_unseen_in_training(
             r"at least 2 distinct labels: use more training examples \(--train-size\)",
         ),
     ],
-    ids=["budget-ten", "budget-too-large", "score-eps-0", "score-exp-nan", "steps-negative",
-         "steps-0", "epochs-0", "batch-size-0", "lr-inf", "lr-nan", "weight-decay-nan",
-         "weight-decay-negative", "max-length-above-positions", "max-length-negative",
-         "epochs-inf", "seed-2**64", "save-every-negative", "train-size-keeping-one-label"],
+    ids=["budget-ten", "budget-too-large", "budget-decimal-comma", "score-eps-0",
+         "score-exp-nan", "steps-negative", "steps-0", "epochs-0", "batch-size-0", "lr-inf",
+         "lr-nan", "weight-decay-nan", "weight-decay-negative", "max-length-above-positions",
+         "max-length-negative", "epochs-inf", "seed-2**64", "save-every-negative",
+         "train-size-keeping-one-label"],
 )  # fmt: skip
 def test_cli_bad_training_option_exits_2_before_training(
     tiny_model_dir, reviews_csv, tmp_path, capsys, flags, what, fix

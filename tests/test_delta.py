@@ -338,6 +338,28 @@ def test_remove_of_a_trained_delta_works_and_refuses_the_base():
         assert torch.allclose(a, b, rtol=0, atol=1e-6), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-3, 1.0], ids=["small", "large"])
+def test_apply_remove_apply_swaps_deltas_bit_exactly(dtype, scale, tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4)).to(dtype)
+    base_state = {n: p.detach().clone() for n, p in base.named_parameters()}
+    a, b = random_delta(base, 1, scale), random_delta(base, 2, scale)
+    b.save_pretrained(tmp_path / "b")
+    b = SparseDelta.from_pretrained(tmp_path / "b")
+    expected = b.apply_(copy.deepcopy(base))
+    model = copy.deepcopy(base)
+    a.apply_(model)
+    a.remove_(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach().view(torch.uint8), base_state[name].view(torch.uint8)), name
+    b.apply_(model)  # the base hash matches again
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        assert torch.equal(p.detach().view(torch.uint8), q.detach().view(torch.uint8)), name
+    b.remove_(model)
+    a.apply_(model)  # and back
+
+
 # ---------------------------------------------------------------------------- file size
 
 

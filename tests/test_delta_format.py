@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,14 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import numbered_delta, save_of, train_argv
+from conftest import assert_clear, numbered_delta, save_of, train_argv
 from safetensors.torch import load_file, save_file
 
 import unmask
 from unmask import DeltaError, SparseDelta
 from unmask.cli import EXIT_OK, main
-
-TENSORS, CONFIG = "delta.safetensors", "delta_config.json"
+from unmask.delta_format import CONFIG_FILE, TENSORS_FILE
 
 
 def test_delta_file_with_nan_in_a_replaced_tensor(trained_delta, tmp_path):
@@ -55,6 +55,59 @@ def test_delta_config_over_the_size_limit(trained_delta, tmp_path):
     (tmp_path / "delta_config.json").write_text(json.dumps(config))
     with pytest.raises(DeltaError, match=r"delta_config\.json is larger than 16777216 bytes"):
         SparseDelta.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- not a regular file
+
+
+@pytest.fixture(scope="module")
+def saved_delta(trained_delta, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("delta") / "d"
+    trained_delta[1].save_pretrained(folder)
+    return folder
+
+
+def symlink_to_copy(path: Path) -> None:
+    real = path.with_name("real-" + path.name)
+    shutil.copyfile(path, real)
+    path.unlink()
+    path.symlink_to(real)
+
+
+def symlink_to_dev_zero(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX file types")
+@pytest.mark.parametrize("name", [TENSORS_FILE, CONFIG_FILE])
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (symlink_to_copy, r"a symbolic link"),
+        (symlink_to_dev_zero, r"a symbolic link"),
+        (fifo, r"a FIFO"),
+    ],
+    ids=["symlink", "symlink-to-dev-zero", "fifo"],
+)
+def test_a_delta_file_that_is_not_a_regular_file_is_refused(
+    saved_delta, tmp_path, name, make, kind
+):
+    folder = tmp_path / "d"
+    shutil.copytree(saved_delta, folder)
+    make(folder / name)
+    with pytest.raises(DeltaError) as err:
+        SparseDelta.from_pretrained(folder)  # a FIFO or /dev/zero, if read, would hang
+    assert_clear(
+        str(err.value),
+        rf"{re.escape(str(folder / name))} is not a regular file \({kind}",
+        r"copy the real files into the folder",
+    )
 
 
 # ---------------------------------------------------------------- a load racing a save
@@ -174,7 +227,7 @@ def test_any_two_saves_killed_in_a_row_leave_a_delta_that_loads(tmp_path):
                 assert save in (1, 2), where  # not older than the last complete save
             numbered_delta(3).save_pretrained(folder)  # the next save cleans up after the kills
             assert save_of(SparseDelta.from_pretrained(folder)) == 3, where
-            assert sorted(p.name for p in folder.iterdir()) == [TENSORS, CONFIG], where
+            assert sorted(p.name for p in folder.iterdir()) == [TENSORS_FILE, CONFIG_FILE], where
 
 
 def test_temporary_files_of_killed_saves_are_removed_and_not_counted(
@@ -182,9 +235,9 @@ def test_temporary_files_of_killed_saves_are_removed_and_not_counted(
 ):
     out = tmp_path / "run"
     stale = [
-        out / "delta" / f".{TENSORS}.0123456789abcdef.tmp",
+        out / "delta" / f".{TENSORS_FILE}.0123456789abcdef.tmp",
         out / "delta" / "..delta.safetensors.previous.fedcba9876543210.tmp",
-        out / "delta" / f".{CONFIG}.00112233aabbccdd.tmp",
+        out / "delta" / f".{CONFIG_FILE}.00112233aabbccdd.tmp",
     ]
     stale[0].parent.mkdir(parents=True)
     for path in stale:
@@ -193,6 +246,6 @@ def test_temporary_files_of_killed_saves_are_removed_and_not_counted(
     assert main(train_argv(tiny_model_dir, reviews_csv, out, *flags)) == EXIT_OK
     report = json.loads((out / "report.json").read_text())
     files = sorted(p.name for p in (out / "delta").iterdir())
-    assert files == [TENSORS, CONFIG]
+    assert files == [TENSORS_FILE, CONFIG_FILE]
     sizes = sum((out / "delta" / name).stat().st_size for name in files)
     assert report["delta_bytes"] == sizes

@@ -1,6 +1,7 @@
 """`unmask.optimizer.SelectiveOptimizer`'s input checking: bad constructor arguments and bad
-checkpoints given to `load_state_dict` are refused with a ValueError whose message says what was
-wrong and how to fix it (`assert_clear`), before anything changes.
+checkpoints given to `load_state_dict` are refused with a ValueError, and a model changed after
+the optimizer was built with a RuntimeError, whose message says what was wrong and how to fix
+it (`assert_clear`), before anything changes.
 
 What the optimizer does with good input is in `tests/test_optimizer.py`.
 """
@@ -181,6 +182,57 @@ def test_no_sparse_candidate_left():
         r"no parameter is a candidate for method 'id3'",
         r"check the include/exclude/dense patterns and that parameters require grad",
     )
+
+
+# ---------------------------------------------------------------- a module replaced
+
+
+def one_step(model, opt) -> None:
+    ids = torch.randint(0, 30, (4, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+REPLACED = r"parameter classifier\.(weight|bias) of the model was replaced by a new tensor"
+REBUILD = r"build a new SelectiveOptimizer after changing the model"
+
+
+@pytest.mark.parametrize("dense", [["classifier"], None], ids=["dense-head", "sparse-head"])
+def test_a_module_replaced_after_building_the_optimizer_is_refused(dense):
+    torch.manual_seed(0)
+    model = tiny_bert()
+    opt = SelectiveOptimizer(model, "id3", budget="5%", total_steps=4, lr=1e-2, dense=dense)
+    one_step(model, opt)
+    old = model.classifier
+    model.classifier = nn.Linear(old.in_features, old.out_features)
+    ids = torch.randint(0, 30, (4, 8), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    with pytest.raises(RuntimeError) as err:
+        opt.step()
+    assert_clear(str(err.value), REPLACED, REBUILD)
+    with pytest.raises(RuntimeError) as err:
+        opt.delta()
+    assert_clear(str(err.value), REPLACED, REBUILD)
+
+
+def test_a_module_removed_after_building_the_optimizer_is_refused():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(model, "id3", budget="5%", total_steps=4, dense=["classifier"])
+    del model.classifier
+    model.classifier = nn.Identity()
+    with pytest.raises(RuntimeError) as err:
+        opt.delta()
+    assert_clear(str(err.value), r"parameter classifier\.weight of the model is gone", REBUILD)
+
+
+def test_an_unchanged_model_still_trains_and_saves():
+    model = tiny_bert()
+    opt = SelectiveOptimizer(model, "id3", budget="5%", total_steps=2, dense=["classifier"])
+    for _ in range(2):
+        one_step(model, opt)
+    model.to(torch.float32)  # keeps the parameter objects
+    assert opt.delta().num_weights > 0
 
 
 # ---------------------------------------------------------------- load_state_dict

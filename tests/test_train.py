@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clear, cli, train_argv
+from conftest import assert_clear, cli, train_argv, write_reviews
 
 from unmask.cli import EXIT_OK, EXIT_USAGE, main
 from unmask.train import CHECKPOINT_FILE, read_train_log
@@ -80,6 +81,81 @@ def test_resume_from_a_damaged_checkpoint_exits_2(
     assert code == EXIT_USAGE, err
     assert re.search(rf"--resume: checkpoint .*checkpoint\.pt {what}", err), err
     assert re.search(r"delete it and run without --resume", err), err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    """A 4-step run with a checkpoint after step 2, its task file, and its flags."""
+    root = tmp_path_factory.mktemp("resume")
+    task = write_reviews(root / "reviews.csv")
+    flags = ["--steps", "4", "--budget", "5%", "--seed", "0", "--lr", "1e-3"]
+    out = root / "run"
+    assert main(train_argv(tiny_model_dir, task, out, *flags, "--save-every", "2")) == EXIT_OK
+    return out, task, flags
+
+
+def with_flag(flags: list[str], flag: str, value: str) -> list[str]:
+    flags = list(flags)
+    if flag in flags:
+        flags[flags.index(flag) + 1] = value
+    else:
+        flags += [flag, value]
+    return flags
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ([("--seed", "1")], [r"--seed 0 in the checkpoint's run, 1 now"]),
+        ([("--lr", "0.01")], [r"--lr 0\.001 in the checkpoint's run, 0\.01 now"]),
+        (
+            [("--budget", "10%")],
+            [r"--budget '5%' \([\d,]+ weights\) in the checkpoint's run, '10%' \([\d,]+ weights\)"],
+        ),
+        ([("--method", "random")], [r"--method 'id3' in the checkpoint's run, 'random' now"]),
+        (
+            [("--seed", "3"), ("--lr", "0.5")],
+            [r"--seed 0 in the checkpoint's run, 3 now", r"--lr 0\.001 in the checkpoint's run"],
+        ),
+    ],
+    ids=["seed", "lr", "budget", "method", "seed-and-lr"],
+)
+def test_resume_with_other_settings_exits_2_naming_them(
+    run_dir, tiny_model_dir, tmp_path, capsys, changes, named
+):
+    run, task, flags = run_dir
+    out = copy_run(run, tmp_path / "run")
+    for flag, value in changes:
+        flags = with_flag(flags, flag, value)
+    log = (out / "train_log.jsonl").read_text()
+    code, err = cli(train_argv(tiny_model_dir, task, out, *flags, "--resume"), capsys)
+    assert code == EXIT_USAGE, err
+    for what in named:
+        assert_clear(err, what, r"Resume with the settings of that run, or train anew")
+    assert "Traceback" not in err
+    assert (out / "train_log.jsonl").read_text() == log and not (out / "delta").exists()
+
+
+def test_resume_with_another_task_or_model_exits_2(run_dir, tiny_model_dir, tmp_path, capsys):
+    run, task, flags = run_dir
+    out = copy_run(run, tmp_path / "run")
+    other_task = write_reviews(tmp_path / "other.csv")
+    other_model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, other_model)
+    code, err = cli(train_argv(other_model, other_task, out, *flags, "--resume"), capsys)
+    assert code == EXIT_USAGE, err
+    assert_clear(err, rf"--task '{re.escape(str(task))}' in the checkpoint's run", r"train anew")
+    assert re.search(r"--model '.*' in the checkpoint's run, '.*model' now", err), err
+
+
+def test_resume_with_the_same_settings_still_works(run_dir, tiny_model_dir, tmp_path):
+    run, task, flags = run_dir
+    out = copy_run(run, tmp_path / "run")
+    # The same budget written as its count of weights is the same run.
+    count = torch.load(out / "checkpoint.pt", weights_only=True)["run"]["budget_weights"]
+    flags = with_flag(flags, "--budget", str(count))
+    assert main(train_argv(tiny_model_dir, task, out, *flags, "--resume")) == EXIT_OK
+    assert (out / "delta").is_dir()
 
 
 # ---------------------------------------------------------------- the step log
