@@ -156,6 +156,19 @@ def trained_run(tiny_model_dir, reviews_csv, tmp_path_factory) -> Path:
     return out
 
 
+def train_id3(model: torch.nn.Module, steps: int = 3) -> SelectiveOptimizer:
+    """ID3 (budget 400 weights, lr 1e-2) trained `steps` steps on a tiny BERT classifier `model`
+    with fixed batches of 4 sequences of 8 tokens; returns the optimizer."""
+    opt = SelectiveOptimizer(model, method="id3", budget=400, total_steps=steps, lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(5, 20, (4, 8), generator=generator)
+        model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
 @pytest.fixture(scope="module")
 def trained_delta() -> tuple[BertForSequenceClassification, SparseDelta]:
     """(base model, delta) of a tiny BERT trained 2 steps by ID3 with a dense head."""

@@ -409,21 +409,36 @@ def test_cli_missing_delta_folder(tiny_model_dir, reviews_csv, tmp_path, capsys)
     )
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
-        "sentence,sentiment\ncaf\u00e9 au lait,pos\nna\u00efve,neg\n".encode("latin-1"),
-        "sentence,sentiment\ngood,pos\nbad,neg\n".encode("utf-16"),
-    ],
-    ids=["binary-garbage", "latin-1", "utf-16"],
+# What a data file that cannot be read as a table is refused with; {path} is the file's path.
+UNREADABLE = (r"could not read {path}", r"as UTF-8 text")
+EMPTY = (
+    r"{path} (is empty|has no data rows)",
+    r"needs a header row and at least one data row|empty dataset",
 )
-def test_cli_unreadable_csv(tiny_model_dir, tmp_path, capsys, content):
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, UNREADABLE),
+        ("sentence,sentiment\ncaf\u00e9 au lait,pos\nna\u00efve,neg\n".encode("latin-1"),
+         UNREADABLE),
+        ("sentence,sentiment\ngood,pos\nbad,neg\n".encode("utf-16"), UNREADABLE),
+        (b"", EMPTY),
+        (b"sentence,sentiment\n", EMPTY),
+        (b"sentence,sentiment\n\n,\n\n", EMPTY),
+    ],
+    ids=["binary-garbage", "latin-1", "utf-16", "zero-bytes", "header-only", "blank-rows"],
+)  # fmt: skip
+def test_cli_unreadable_or_empty_data_file_exits_2(
+    tiny_model_dir, tmp_path, capsys, content, message
+):
     path = tmp_path / "data.csv"
     path.write_bytes(content)
     code, err = cli(train_argv(tiny_model_dir, path, tmp_path / "out"), capsys)
     assert code == EXIT_USAGE
-    assert_clear(err, rf"could not read {re.escape(str(path))}", r"as UTF-8 text")
+    what, fix = message
+    assert_clear(err, what.format(path=re.escape(str(path))), fix)
 
 
 @pytest.mark.parametrize(
@@ -442,23 +457,6 @@ def test_cli_csv_without_text_or_label_column(
     code, err = cli([*argv, "--output", str(tmp_path / "out"), "--no-progress"], capsys)
     assert code == EXIT_USAGE
     assert_clear(err, rf"columns {found}", r"rename the columns or pass text_column=")
-
-
-@pytest.mark.parametrize(
-    "content",
-    ["", "sentence,sentiment\n", "sentence,sentiment\n\n,\n\n"],
-    ids=["zero-bytes", "header-only", "blank-rows"],
-)
-def test_cli_empty_dataset(tiny_model_dir, tmp_path, capsys, content):
-    path = tmp_path / "data.csv"
-    path.write_text(content, encoding="utf-8")
-    code, err = cli(train_argv(tiny_model_dir, path, tmp_path / "out"), capsys)
-    assert code == EXIT_USAGE
-    assert_clear(
-        err,
-        rf"{re.escape(str(path))} (is empty|has no data rows)",
-        r"needs a header row and at least one data row|empty dataset",
-    )
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clear, bits, sparse_delta, tiny_bert
+from conftest import assert_clear, bits, sparse_delta, tiny_bert, train_id3
 from safetensors.torch import save_file
 from torch import nn
 
 import unmask
 import unmask.delta_format
 import unmask.fingerprints
-from unmask import DeltaError, SelectiveOptimizer, SparseDelta
+from unmask import DeltaError, SparseDelta
 
 transformers = pytest.importorskip("transformers")
 
@@ -321,14 +321,7 @@ def test_remove_refuses_a_model_that_never_had_the_delta(dtype):
 def test_remove_of_a_trained_delta_works_and_refuses_the_base():
     base = tiny_bert(0)
     trained = copy.deepcopy(base)
-    opt = SelectiveOptimizer(trained, method="id3", budget=400, total_steps=3, lr=1e-2)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        ids = torch.randint(5, 20, (4, 8), generator=generator)
-        trained(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    delta = opt.delta()
+    delta = train_id3(trained).delta()
     before = bits(base)
     with pytest.raises(DeltaError, match=r"was not applied"):
         delta.remove_(base)

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_clear, bits, tiny_bert, tiny_llama
+from conftest import assert_clear, bits, tiny_bert, tiny_llama, train_id3
 from torch import nn
 
 from unmask import METHODS, SelectiveOptimizer
@@ -241,15 +241,7 @@ def test_an_unchanged_model_still_trains_and_saves():
 
 def trained_state(**shapes: int) -> dict:
     """The state_dict of ID3 after 3 steps on a tiny BERT (`shapes` override its config)."""
-    model = tiny_bert(0, **shapes)
-    opt = SelectiveOptimizer(model, method="id3", budget=400, total_steps=3, lr=1e-2)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        ids = torch.randint(5, 20, (4, 8), generator=generator)
-        model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return opt.state_dict()
+    return train_id3(tiny_bert(0, **shapes)).state_dict()
 
 
 def fresh_optimizer() -> tuple[nn.Module, SelectiveOptimizer]:
