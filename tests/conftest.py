@@ -122,6 +122,9 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+# ---------------------------------------------------------------- the CLI on tiny data
+
+
 def write_reviews(
     path: Path,
     rows: int = 60,
@@ -146,6 +149,24 @@ def reviews_csv(tmp_path_factory) -> Path:
     return write_reviews(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
+# The column flags `unmask train` and `unmask eval` need for `write_reviews`' files.
+COLUMNS = ["--text-column", "sentence", "--label-column", "sentiment"]
+
+
+def train_argv(model, task, out, *extra: str) -> list[str]:
+    """`unmask train` of `model` on a `write_reviews` file `task`, writing to `out`."""
+    return [
+        "train", "--model", str(model), "--task", str(task), *COLUMNS,
+        "--output", str(out), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run `unmask argv` in process: (exit code, what it wrote to stderr)."""
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, reviews_csv, tmp_path_factory) -> Path:
     """The output folder of a finished 4-step `unmask train` on `reviews_csv`, budget 5%, with
@@ -154,6 +175,9 @@ def trained_run(tiny_model_dir, reviews_csv, tmp_path_factory) -> Path:
     argv = train_argv(tiny_model_dir, reviews_csv, out, "--steps", "4", "--budget", "5%")
     assert main([*argv, "--save-every", "2"]) == 0
     return out
+
+
+# ---------------------------------------------------------------- trained optimizers and deltas
 
 
 def train_id3(model: torch.nn.Module, steps: int = 3) -> SelectiveOptimizer:
@@ -185,24 +209,6 @@ def trained_delta() -> tuple[BertForSequenceClassification, SparseDelta]:
         opt.step()
         opt.zero_grad()
     return base, opt.delta()
-
-
-# The column flags `unmask train` and `unmask eval` need for `write_reviews`' files.
-COLUMNS = ["--text-column", "sentence", "--label-column", "sentiment"]
-
-
-def train_argv(model, task, out, *extra: str) -> list[str]:
-    """`unmask train` of `model` on a `write_reviews` file `task`, writing to `out`."""
-    return [
-        "train", "--model", str(model), "--task", str(task), *COLUMNS,
-        "--output", str(out), "--no-progress", *extra,
-    ]  # fmt: skip
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Run `unmask argv` in process: (exit code, what it wrote to stderr)."""
-    code = main(argv)
-    return code, capsys.readouterr().err
 
 
 def sparse_delta(
