@@ -32,8 +32,8 @@ from unmask.fingerprints import tensor_hash
 VOCAB = 100
 
 
-def tiny_bert(seed: int = 0, **shapes: int) -> BertForSequenceClassification:
-    """A tiny random BERT classifier in eval mode; `shapes` override its BertConfig fields."""
+def tiny_bert(seed: int = 0, **fields: float) -> BertForSequenceClassification:
+    """A tiny random BERT classifier in eval mode; `fields` override its BertConfig fields."""
     torch.manual_seed(seed)
     options = dict(
         vocab_size=VOCAB,
@@ -44,7 +44,7 @@ def tiny_bert(seed: int = 0, **shapes: int) -> BertForSequenceClassification:
         max_position_embeddings=64,
         num_labels=2,
     )
-    return BertForSequenceClassification(BertConfig(**{**options, **shapes})).eval()
+    return BertForSequenceClassification(BertConfig(**{**options, **fields})).eval()
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -264,6 +264,67 @@ def save_of(delta: SparseDelta) -> int:
         f"config of save {save} with tensors of save(s) {sorted(set(values.tolist()))}"
     )
     return save
+
+
+# ---------------------------------------------------------------- trained BERT deltas
+# For test_delta and test_delta_format. Fixture models are never modified: every test that
+# writes to a model deep-copies it first.
+
+DELTA_STEPS = 5
+
+
+def make_bert(seed: int) -> BertForSequenceClassification:
+    """`tiny_bert` without dropout, in train mode (a step stays a pure function of its batch),
+    named "tiny-random-bert"."""
+    model = tiny_bert(seed, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    model.config._name_or_path = "tiny-random-bert"
+    return model
+
+
+def delta_batch(model: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """4 random sequences of 12 tokens, labelled for `model` (a classifier or a causal LM)."""
+    ids = torch.randint(0, 100, (4, 12), generator=generator)
+    if isinstance(model, LlamaForCausalLM):
+        return {"input_ids": ids, "labels": ids}
+    return {"input_ids": ids, "labels": torch.randint(0, 2, (4,), generator=generator)}
+
+
+def train_delta(
+    model: torch.nn.Module, data_seed: int = 1, budget="1%", dense=None, **kwargs
+) -> tuple[SelectiveOptimizer, SparseDelta]:
+    """Train `model` in place by ID3 for DELTA_STEPS steps on random batches; return
+    (optimizer, delta)."""
+    opt = SelectiveOptimizer(
+        model, method="id3", budget=budget, total_steps=DELTA_STEPS, lr=1e-2, dense=dense, **kwargs
+    )
+    generator = torch.Generator().manual_seed(data_seed)
+    for _ in range(DELTA_STEPS):
+        model(**delta_batch(model, generator)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, opt.delta()
+
+
+@pytest.fixture(scope="module")
+def bert_base():
+    return make_bert(0)
+
+
+@pytest.fixture(scope="module")
+def bert_dense(bert_base):
+    """BERT trained with a dense (replaced) classification head."""
+    model = copy.deepcopy(bert_base)
+    opt, delta = train_delta(model, dense=["classifier"])
+    return model, delta, opt
+
+
+@pytest.fixture(scope="module")
+def bert_sparse(bert_base):
+    """BERT trained with every tensor a candidate: a delta without replaced tensors."""
+    model = copy.deepcopy(bert_base)
+    _, delta = train_delta(model, dense=None)
+    assert not delta.replace
+    return model, delta
 
 
 def launch_torchrun(script: Path, out: Path, world: int, timeout_s: float) -> float:
