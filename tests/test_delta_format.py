@@ -761,13 +761,10 @@ while True:
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.5])
 def test_killed_save_leaves_a_loadable_delta(tmp_path, delay):
     """SIGKILL a process that saves deltas in a loop: the folder always loads, old or new."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     folder = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(folder)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVE_LOOP, str(folder)], env=child_env(), stdout=subprocess.PIPE
+    )
     assert proc.stdout.readline().strip() == b"saved"
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
