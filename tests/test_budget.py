@@ -1,15 +1,18 @@
-"""resolve_budget: every accepted form, the rounding rule, and every rejection with its message."""
+"""`unmask.budget.resolve_budget`: every accepted form, the rounding rule, and every rejection
+with its message."""
 
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import pytest
+from conftest import assert_clear, tiny_bert
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from unmask import resolve_budget
+from unmask import SelectiveOptimizer, resolve_budget
 
 BIG_POOL = 3 * 10**9  # large enough for "2G"; resolve_budget never allocates anything
 
@@ -152,6 +155,49 @@ def test_rejects_non_budget_types(budget):
     # bool is an int subclass, but True must not silently mean "1 weight".
     with pytest.raises(ValueError, match=r"cannot read budget"):
         resolve_budget(budget, 10**6)
+
+
+# What the message of a malformed budget string says to write instead.
+HOW_TO_WRITE = r"use a count \(5000, '100K', '1\.5M'\), a percentage \('0\.1%'\) or a fraction"
+
+
+def refusal(budget: str, through: str) -> str:
+    """The message with which `through` (resolve_budget, or SelectiveOptimizer on a tiny BERT)
+    refuses `budget`."""
+    with pytest.raises(ValueError) as err:
+        if through == "SelectiveOptimizer":
+            SelectiveOptimizer(tiny_bert(), method="id3", budget=budget, total_steps=3)
+        else:
+            resolve_budget(budget, 10**6)
+    return str(err.value)
+
+
+def case(budget: str, through: str, what: str, fix: str):
+    return pytest.param(budget, through, what, fix, id=f"{through}-{budget}")
+
+
+@pytest.mark.parametrize(
+    ("budget", "through", "what", "fix"),
+    [
+        *[
+            case(budget, "SelectiveOptimizer", rf"cannot read budget {re.escape(repr(budget))}",
+                 HOW_TO_WRITE)
+            for budget in ["0.1%%", "ten", "-5K"]
+        ],
+        *[
+            case(budget, "resolve_budget",
+                 rf"cannot read budget {re.escape(repr(budget))}: ',' is not part of a number",
+                 r"write decimals with a dot \('0\.1%'")
+            for budget in ["0,1%", "1,5M", "100,000", "0,001"]
+        ],
+        *[
+            case(budget, "resolve_budget", r"is not part of a number", r"use a count \(5000")
+            for budget in ["1_000", "5 %", "1e3"]
+        ],
+    ],
+)  # fmt: skip
+def test_a_malformed_budget_string_says_what_to_write(budget, through, what, fix):
+    assert_clear(refusal(budget, through), what, fix)
 
 
 # ---------------------------------------------------------------------------- properties

@@ -1,19 +1,22 @@
-"""`unmask` CLI end to end on a tiny random model and a tiny local CSV (nothing downloaded)."""
+"""`unmask.cli`: the `unmask` command end to end on a tiny random model and a tiny local CSV
+(nothing downloaded), and the exit code and message of every bad input it refuses."""
 
 from __future__ import annotations
 
 import csv
 import json
 import random
+import re
 
 import pytest
 import torch
-from conftest import WORDS
+import transformers
+from conftest import COLUMNS, WORDS, assert_clear, cli, train_argv, write_reviews
 from transformers import BertForSequenceClassification as Bert
 from transformers import BertTokenizerFast
 
-from unmask import SparseDelta
-from unmask.cli import EXIT_USAGE, main
+from unmask import METHODS, SparseDelta
+from unmask.cli import EXIT_OK, EXIT_USAGE, main
 
 
 @pytest.fixture(scope="module")
@@ -366,3 +369,291 @@ def test_persistent_nonfinite_gradients_stop_with_exit_4(
     state = checkpoint["optimizer"]
     assert torch.isfinite(state["delta"]).all() and torch.isfinite(state["base"]).all()
     assert all(torch.isfinite(v).all() for v in checkpoint["dense"].values())
+
+
+# ---------------------------------------------------------------- bad input exits 2
+# Each refusal exits with EXIT_USAGE and a message that says what was wrong and how to fix it
+# (`assert_clear`). `tiny_model_dir` is a tiny BERT backbone saved as a pretrained folder;
+# `reviews_csv` has non-default column names (`COLUMNS`).
+
+
+def test_cli_missing_model_folder(reviews_csv, tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    code, err = cli(train_argv(missing, reviews_csv, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"{re.escape(str(missing))}.*(not found|does not exist|no such)",
+        r"minilm|smollm2|local folder|hub name",
+    )
+
+
+def test_cli_missing_data_file(tiny_model_dir, tmp_path, capsys):
+    missing = tmp_path / "no_such.csv"
+    code, err = cli(train_argv(tiny_model_dir, missing, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err, rf"file not found: {re.escape(str(missing))}", r"check the path; built-in tasks"
+    )
+
+
+def test_cli_missing_delta_folder(tiny_model_dir, reviews_csv, tmp_path, capsys):
+    missing = tmp_path / "no_such_delta"
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", str(reviews_csv), *COLUMNS]
+    code, err = cli([*argv, "--delta", str(missing)], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"{re.escape(str(missing))}/delta_config\.json not found",
+        r"a delta folder holds delta_config\.json and delta\.safetensors",
+    )
+
+
+# What a data file that cannot be read as a table is refused with; {path} is the file's path.
+UNREADABLE = (r"could not read {path}", r"as UTF-8 text")
+EMPTY = (
+    r"{path} (is empty|has no data rows)",
+    r"needs a header row and at least one data row|empty dataset",
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, UNREADABLE),
+        ("sentence,sentiment\ncaf\u00e9 au lait,pos\nna\u00efve,neg\n".encode("latin-1"),
+         UNREADABLE),
+        ("sentence,sentiment\ngood,pos\nbad,neg\n".encode("utf-16"), UNREADABLE),
+        (b"", EMPTY),
+        (b"sentence,sentiment\n", EMPTY),
+        (b"sentence,sentiment\n\n,\n\n", EMPTY),
+    ],
+    ids=["binary-garbage", "latin-1", "utf-16", "zero-bytes", "header-only", "blank-rows"],
+)  # fmt: skip
+def test_cli_unreadable_or_empty_data_file_exits_2(
+    tiny_model_dir, tmp_path, capsys, content, message
+):
+    path = tmp_path / "data.csv"
+    path.write_bytes(content)
+    code, err = cli(train_argv(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    what, fix = message
+    assert_clear(err, what.format(path=re.escape(str(path))), fix)
+
+
+@pytest.mark.parametrize(
+    ("header", "flags", "found"),
+    [
+        (("sentence", "sentiment"), [], r"\['sentence', 'sentiment'\]"),
+        (("sentence", "score"), ["--text-column", "sentence"], r"\['sentence', 'score'\]"),
+    ],
+    ids=["default-names", "label-column-missing"],
+)
+def test_cli_csv_without_text_or_label_column(
+    tiny_model_dir, tmp_path, capsys, header, flags, found
+):
+    path = write_reviews(tmp_path / "data.csv", header=header, rows=20)
+    argv = ["train", "--model", str(tiny_model_dir), "--task", str(path), *flags]
+    code, err = cli([*argv, "--output", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, rf"columns {found}", r"rename the columns or pass text_column=")
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_cli_label_unseen_in_training(tiny_model_dir, tmp_path, capsys, split):
+    path = tmp_path / "data.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "sentiment", "split"])
+        for i in range(20):
+            writer.writerow([f"the movie was {WORDS[i % 8]}", ("neg", "pos")[i % 2], "train"])
+        writer.writerow(["the movie was fine", "pos", "validation"])
+        writer.writerow(["the movie was sad", "neg", "test"])
+        writer.writerow(["the movie was", "neutral", split])
+    code, err = cli(train_argv(tiny_model_dir, path, tmp_path / "out"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"label 'neutral' appears in the {split} split but never in train "
+        r"\(train labels: \['neg', 'pos'\]\)",
+        r"add training examples with it or remove those rows",
+    )
+
+
+@pytest.mark.parametrize(
+    "labels", [("bad", "good"), ("a", "b", "c")], ids=["same-count", "three-labels"]
+)
+def test_cli_eval_with_labels_unseen_in_training(
+    trained_run, tiny_model_dir, tmp_path, capsys, labels
+):
+    path = write_reviews(tmp_path / "other.csv", labels=labels, rows=60)
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", str(path), *COLUMNS]
+    code, err = cli([*argv, "--delta", str(trained_run / "delta")], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, rf"label.*{labels[0]}.*\['neg', 'pos'\]", r"labels? (it was )?trained on")
+
+
+@pytest.mark.parametrize(
+    ("flags", "what", "fix"),
+    [
+        (["--budget", "ten"], r"cannot read budget 'ten'", r"use a count"),
+        (["--budget", "10M"], r"10,000,000 weights, but only [\d,]+", r"lower the budget"),
+        (["--budget", "0,1%"], r"cannot read budget '0,1%'", r"write decimals with a dot"),
+        (["--score-eps", "0"], r"score_eps .*got 0\.0", r"positive finite number"),
+        (["--score-exp", "nan"], r"score_exp .*got nan", r"finite number"),
+        (["--steps", "-3"], r"--steps .*got -3", r"positive integer"),
+        (["--steps", "0"], r"--steps.*0", r"positive"),
+        (["--epochs", "0"], r"--epochs.*0", r"positive"),
+        (["--batch-size", "0"], r"--batch-size.*0", r"positive"),
+        *[
+            (flags, rf"{flags[0]} must be a finite number >= 0, got", r"finite number")
+            for flags in [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "nan"],
+                          ["--weight-decay", "-1"]]
+        ],
+        (["--max-length", "33"], r"--max-length 33 is more than the model's 32 positions",
+         r"give --max-length 32 or less"),
+        (["--max-length", "-1"], r"--max-length must be a positive integer", r"positive integer"),
+        (["--epochs", "1e309"], r"--epochs must be a positive finite number, got inf",
+         r"positive finite number"),
+        (["--seed", str(2**64)], r"--seed must be an integer from -2\*\*63 to 2\*\*64 - 1",
+         r"an integer from"),
+        (["--save-every", "-1"], r"--save-every must be an integer >= 0", r"integer >= 0"),
+        (
+            ["--steps", "2", "--train-size", "1"],
+            r"training split of task 'reviews' has examples of only 1 label \['(neg|pos)'\]",
+            r"at least 2 distinct labels: use more training examples \(--train-size\)",
+        ),
+    ],
+    ids=["budget-ten", "budget-too-large", "budget-decimal-comma", "score-eps-0",
+         "score-exp-nan", "steps-negative", "steps-0", "epochs-0", "batch-size-0", "lr-inf",
+         "lr-nan", "weight-decay-nan", "weight-decay-negative", "max-length-above-positions",
+         "max-length-negative", "epochs-inf", "seed-2**64", "save-every-negative",
+         "train-size-keeping-one-label"],
+)  # fmt: skip
+def test_cli_bad_training_option_exits_2_before_training(
+    tiny_model_dir, reviews_csv, tmp_path, capsys, flags, what, fix
+):
+    out = tmp_path / "out"
+    code, err = cli(train_argv(tiny_model_dir, reviews_csv, out, *flags), capsys)
+    assert code == EXIT_USAGE, err
+    assert_clear(err, what, fix)
+    assert "Traceback" not in err
+    assert not (out / "train_log.jsonl").exists()  # refused before the first step
+
+
+def test_cli_single_label_data_exits_2(tiny_model_dir, tmp_path, capsys):
+    path = write_reviews(tmp_path / "one.csv", rows=30, labels=("pos",))
+    out = tmp_path / "out"
+    code, err = cli(train_argv(tiny_model_dir, path, out, "--steps", "2"), capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, r"every training example has the label 'pos'", r"at least 2 distinct")
+    assert not (out / "report.json").exists()
+
+
+def test_cli_unknown_method_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--method", "lora"])
+    assert exit_.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert_clear(err, r"invalid choice: 'lora'", r"choose from")
+    for name in METHODS:
+        assert name in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("job.yaml", "lr: 1e-2\n", r"lr \(--lr\) must be a number, got '1e-2' \(str\).*1\.0e-2"),
+        ("job.toml", 'steps = "5"\n', r"steps \(--steps\) must be an integer or unset, got '5'"),
+        ("job.toml", "batch_size = 2.5\n", r"batch_size \(--batch-size\) must be an integer"),
+    ],
+    ids=["yaml-lr-string", "toml-steps-string", "toml-batch-size-float"],
+)
+def test_config_values_of_the_wrong_type_exit_2(
+    tiny_model_dir, reviews_csv, tmp_path, capsys, name, text, message
+):
+    (tmp_path / name).write_text(text)
+    config = ["--budget", "5%", "--config", str(tmp_path / name)]
+    code, err = cli(train_argv(tiny_model_dir, reviews_csv, tmp_path / "run", *config), capsys)
+    assert code == EXIT_USAGE, err
+    assert re.search(message, err), err
+
+
+def test_flags_equal_to_their_defaults_override_the_config_file(
+    tiny_model_dir, reviews_csv, tmp_path
+):
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'model = "{tiny_model_dir}"\ntask = "{reviews_csv}"\n'
+        'text_column = "sentence"\nlabel_column = "sentiment"\n'
+        'method = "pafi"\nbudget = "2%"\nsteps = 3\nlr = 0.5\nseed = 7\nprogress = false\n'
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--output", str(out), "--steps", "2"]
+    # Each of these flags equals its default (see `unmask train --help`).
+    argv += ["--lr", "0.001", "--method", "id3", "--seed", "0"]
+    assert main(argv) == EXIT_OK
+    used = json.loads((out / "report.json").read_text())["config"]
+    assert (used["lr"], used["method"], used["seed"], used["steps"]) == (0.001, "id3", 0, 2)
+    assert used["budget"] == "2%"  # not given on the command line: the file's value
+    assert used["progress"] is False  # no --no-progress flag: the file's value stays
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_cli_merge_onto_an_existing_file_exits_2(trained_run, tiny_model_dir, tmp_path, capsys):
+    target = tmp_path / "merged.bin"
+    target.write_bytes(b"keep me")
+    argv = ["merge", "--delta", str(trained_run / "delta"), "--model", str(tiny_model_dir)]
+    code, err = cli([*argv, "--output", str(target)], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, rf"--output {re.escape(str(target))} exists and is not a folder", r"new path")
+    assert target.read_bytes() == b"keep me"
+
+
+def test_cli_merge_checks_that_the_files_were_written(
+    trained_run, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    # transformers' save_pretrained logs some failures and returns as if it had saved.
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", lambda *a, **k: None)
+    out = tmp_path / "merged"
+    argv = ["merge", "--delta", str(trained_run / "delta"), "--model", str(tiny_model_dir)]
+    code, err = cli([*argv, "--output", str(out)], capsys)
+    assert code == EXIT_USAGE
+    assert_clear(
+        err,
+        rf"saving the merged model to {re.escape(str(out))} failed: config\.json and the "
+        r"weights .*not written",
+        r"writable.*run merge again",
+    )
+
+
+@pytest.mark.parametrize(
+    ("labels", "what"),
+    [
+        ([str(i) for i in range(500_000)], r"list of 2 to 100,000 labels, got 500000"),
+        (["a", "b", "c"], r"has 3 labels, but no tensor of the delta has that many rows"),
+        ([0, 1], r"must be strings"),
+        (["a", "a"], r"repeat a label"),
+        ("ab", r"must be a list"),
+        (["only"], r"list of 2 to"),
+    ],
+    ids=["half-a-million", "more-than-the-head", "not-strings", "repeated", "a-string", "one"],
+)
+def test_merge_checks_label_metadata_before_building_a_model(
+    head_delta, labels, what, tmp_path, monkeypatch, capsys
+):
+    head_delta.metadata["label_names"] = labels
+    head_delta.save_pretrained(tmp_path / "d")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built before the label metadata was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", never)
+    out = tmp_path / "merged"
+    assert main(["merge", "--delta", str(tmp_path / "d"), "--output", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert_clear(err, what, r"corrupt")
+    assert not out.exists()

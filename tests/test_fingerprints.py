@@ -1,8 +1,9 @@
-"""Issue 16 (part 2, continued): a delta fingerprints the base tensors its changes depend on.
+"""`unmask.fingerprints`: a delta fingerprints the base tensors it changes and those its changes
+depend on, and refuses a model whose tensors differ.
 
 Early in LoRA training ID3 selects only lora_B entries (B = 0 gives A no gradient), so a delta
 that fingerprints only the tensors it changes cannot tell LoRA models with other lora_A
-initialisations apart: their lora_B are all zeros. The delta now also records a fingerprint of
+initialisations apart: their lora_B are all zeros. So the delta also records a fingerprint of
 every tensor sharing a module with a changed one (a LoRA layer's lora_A, lora_B and base weight).
 """
 
@@ -14,8 +15,9 @@ import pytest
 import torch
 from conftest import make_batches, tiny_llama
 
-import unmask
-from unmask.delta import CONFIG_FILE, DeltaError, SparseDelta, dependent_parameters
+from unmask import DeltaError, SelectiveOptimizer, SparseDelta
+from unmask.delta_format import CONFIG_FILE
+from unmask.fingerprints import dependent_parameters
 
 peft = pytest.importorskip("peft")
 
@@ -35,7 +37,7 @@ def lora_model(lora_seed: int):
 def lora_b_only_delta(lora_seed: int, data_seed: int = 0):
     """One ID3 step within the lora_B count: the delta changes lora_B entries only."""
     model = lora_model(lora_seed)
-    opt = unmask.SelectiveOptimizer(model, method="id3", budget=50, total_steps=1, lr=1e-2)
+    opt = SelectiveOptimizer(model, method="id3", budget=50, total_steps=1, lr=1e-2)
     batch = make_batches("llama", 1, seed=1 + data_seed)[0]
     model(**batch).loss.backward()
     opt.step()
@@ -149,10 +151,6 @@ def test_malformed_dependency_fingerprints_are_refused_on_load(tmp_path, value):
 
 
 def test_deltas_of_an_ordinary_model_record_no_dependencies_and_apply_in_sequence():
-    from tests.conftest import make_batches, tiny_llama
-    from unmask import SelectiveOptimizer
-    from unmask.delta import dependent_parameters
-
     model = tiny_llama()
     assert dependent_parameters(model, [n for n, _ in model.named_parameters()]) == []
     deltas = []
