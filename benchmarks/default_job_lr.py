@@ -16,9 +16,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from unmask.files import atomic_write_text
-from unmask.train import run
-from unmask.train_config import TrainConfig
+from unmask.app.train import run
+from unmask.app.train_config import TrainConfig
+from unmask.store.files import atomic_write_text
 
 
 def main() -> None:

@@ -207,10 +207,10 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a results file atomically (`unmask.files.atomic_write_text`; mode from the umask).
+    """Write a results file atomically (`atomic_write_text`; mode from the umask).
 
     Imports unmask, hence torch: a parent calls it only after its last child has finished.
     """
-    from unmask.files import atomic_write_text
+    from unmask.store.files import atomic_write_text
 
     atomic_write_text(path, text)

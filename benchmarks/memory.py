@@ -464,7 +464,7 @@ def plot_sizes(report: dict[str, Any], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    from unmask.files import atomic_write
+    from unmask.store.files import atomic_write
 
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -280,7 +280,7 @@ def _smoke_data(folder: Path) -> tuple[Path, str]:
         rows.append(
             f"{'positive' if good else 'negative'},the movie was {'very ' * (i % 3)}{adjective}"
         )
-    from unmask.files import atomic_write_text
+    from unmask.store.files import atomic_write_text
 
     atomic_write_text(csv, "\n".join(rows) + "\n")
     return model_dir, str(csv)
@@ -300,7 +300,7 @@ def run_cell(
 
     `options` go to the SelectiveOptimizer (default: the cell's ablation options); the key
     "dense_extra" adds patterns to the dense ones (the new head); "method_options" builds the
-    method with these options (`unmask.methods.make_method`).
+    method with these options (`unmask.choose.methods.make_method`).
     """
     import resource
     import tempfile
@@ -311,10 +311,10 @@ def run_cell(
         torch.set_num_threads(threads)
 
     import unmask
-    from unmask.models import load_model
-    from unmask.tasks import load_task
-    from unmask.tasks.batches import batch_order, encode
-    from unmask.tasks.evaluation import evaluate
+    from unmask.app.models import load_model
+    from unmask.app.tasks import load_task
+    from unmask.app.tasks.batches import batch_order, encode
+    from unmask.app.tasks.evaluation import evaluate
 
     lr = cell.lr if cell.lr is not None else tuned_lr
     if lr is None:
@@ -381,7 +381,7 @@ def lora_weight_count(model) -> int:
     """Weights LoRA r8 trains on `model`: A and B of each targeted Linear, plus any new head."""
     from torch import nn
 
-    from unmask.models import new_head_patterns
+    from unmask.app.models import new_head_patterns
 
     heads = tuple(p.strip("^\\.") + "." for p in new_head_patterns(model))
     count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
@@ -410,8 +410,8 @@ class _Trainer:
         import torch
 
         from unmask import SelectiveOptimizer
+        from unmask.app.models import new_head_patterns
         from unmask.integrations.peft import peft_candidates
-        from unmask.models import new_head_patterns
 
         method = cell.method
         heads = new_head_patterns(model)
@@ -441,7 +441,7 @@ class _Trainer:
         )
         base_method = method.removesuffix("+lora")
         if method_options:
-            from unmask.methods import make_method
+            from unmask.choose.methods import make_method
 
             base_method = make_method(base_method, **method_options)
         self.selective = SelectiveOptimizer(
@@ -749,7 +749,7 @@ def _running_elsewhere(out: Path, cell: Cell) -> bool:
 def _run_in_process(
     cell: Cell, setting: Setting, tuned: float | None, out: Path, threads: int | None
 ) -> None:
-    from unmask.files import atomic_write_text
+    from unmask.store.files import atomic_write_text
 
     record = run_cell(cell, setting, tuned, threads)
     record["peak_rss_scope"] = "whole harness process (in-process run)"
@@ -772,7 +772,7 @@ def _launch(
 
 
 def _cell_main(out: Path, payload: str) -> None:
-    from unmask.files import atomic_write_text
+    from unmask.store.files import atomic_write_text
 
     spec = json.loads(payload)
     cell, setting = Cell(**spec["cell"]), Setting(**spec["setting"])

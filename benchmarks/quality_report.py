@@ -360,7 +360,7 @@ def plot_allocation(records: list[dict], out: Path, setting: str) -> Path | None
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from unmask.files import atomic_write
+    from unmask.store.files import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -371,7 +371,7 @@ def write_report(out: Path, declared: list[Cell] | None = None) -> Path:
 
     With `declared` (the grid's cells) the header also says how much of the grid is done.
     """
-    from unmask.files import atomic_write_text
+    from unmask.store.files import atomic_write_text
 
     everything = load_records(out)
     records = current(everything, declared)
@@ -485,7 +485,7 @@ def sync_tables(doc: Path, report: Path) -> int:
     A block naming a table the report lacks, or a `doc` without blocks, fails loudly and leaves
     `doc` as it was: a table is never dropped or put in the wrong place silently.
     """
-    from unmask.files import atomic_write_text
+    from unmask.store.files import atomic_write_text
 
     tables = {m["name"]: m["body"] for m in TABLE_BLOCK.finditer(report.read_text())}
     text = doc.read_text()

@@ -30,7 +30,7 @@ def _register_study_methods() -> None:
     """Diagnostic methods of this study only (not library methods): see SNRStatic."""
     import torch
 
-    from unmask.methods import ID3SNR, METHODS
+    from unmask.choose.methods import ID3SNR, METHODS
 
     class SNRStatic(ID3SNR):
         """Static mask: the top-B accumulated SNR over the calibration batches.
@@ -171,11 +171,11 @@ def score_noise(batches: int = 6, threads: int = 2) -> dict[str, Any]:
     import torch
 
     from benchmarks.quality import budget_count
-    from unmask import scores
-    from unmask.models import load_model
-    from unmask.tasks import load_task
-    from unmask.tasks.batches import batch_order, encode
-    from unmask.token_moments import TokenMoments
+    from unmask.app.models import load_model
+    from unmask.app.tasks import load_task
+    from unmask.app.tasks.batches import batch_order, encode
+    from unmask.choose import scores
+    from unmask.choose.token_moments import TokenMoments
 
     torch.set_num_threads(threads)
     setting = ENCODER
@@ -277,7 +277,7 @@ STUDY_TITLES = {
 
 def report(out: Path) -> Path:
     """report.md: one table per study from the records, and the score-noise measurement."""
-    from unmask.files import atomic_write_text
+    from unmask.store.files import atomic_write_text
 
     records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
     order = {e.id: n for n, e in enumerate(experiments())}
@@ -369,14 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         print(report(args.out))
         return 0
     if args.command == "noise":
-        from unmask.files import atomic_write_text
+        from unmask.store.files import atomic_write_text
 
         result = score_noise()
         atomic_write_text(args.out / "score_noise.json", json.dumps(result, indent=1))
         print(json.dumps(result, indent=1))
         return 0
     if args.command == "one":
-        from unmask.files import atomic_write_text
+        from unmask.store.files import atomic_write_text
 
         record = run_experiment(todo[args.id], args.threads)
         atomic_write_text(records / f"{args.id}.json", json.dumps(record, indent=1))

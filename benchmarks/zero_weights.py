@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from unmask.files import atomic_write_text
-from unmask.models import MODEL_ALIASES, resolve_model
+from unmask.app.models import MODEL_ALIASES, resolve_model
+from unmask.store.files import atomic_write_text
 
 
 def count_zeros(model: torch.nn.Module) -> dict:

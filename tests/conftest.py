@@ -26,8 +26,8 @@ from transformers import (
 )
 
 from unmask import SelectiveOptimizer, SparseDelta
-from unmask.cli import main
-from unmask.fingerprints import tensor_hash
+from unmask.app.cli import main
+from unmask.store.fingerprints import tensor_hash
 
 VOCAB = 100
 

@@ -1,4 +1,4 @@
-"""`unmask.budget.resolve_budget`: every accepted form, the rounding rule, and every rejection
+"""`unmask.resolve_budget`: every accepted form, the rounding rule, and every rejection
 with its message."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`unmask.cli`: the `unmask` command end to end on a tiny random model and a tiny local CSV
+"""`unmask.app.cli`: the `unmask` command end to end on a tiny random model and a tiny local CSV
 (nothing downloaded), and the exit code and message of every bad input it refuses."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import BertForSequenceClassification as Bert
 from transformers import BertTokenizerFast
 
 from unmask import METHODS, SparseDelta
-from unmask.cli import EXIT_OK, EXIT_USAGE, main
+from unmask.app.cli import EXIT_OK, EXIT_USAGE, main
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +252,8 @@ def test_causal_lm_prompt_answer(tmp_path, capsys):
 
 
 def test_answer_only_loss_masks_prompt_tokens(tiny_model_dir):
-    from unmask.tasks import Task
-    from unmask.tasks.batches import encode
+    from unmask.app.tasks import Task
+    from unmask.app.tasks.batches import encode
 
     tokenizer = BertTokenizerFast.from_pretrained(tiny_model_dir, eos_token="[SEP]")
     task = Task("t", "generation", [], [], [], None, "exact_match")
@@ -304,7 +304,7 @@ def test_sigterm_writes_checkpoint_and_resume_matches_uninterrupted(
     ]
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "unmask.cli", "train", *common, "--output", str(interrupted)],
+        [sys.executable, "-m", "unmask.app.cli", "train", *common, "--output", str(interrupted)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

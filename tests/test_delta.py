@@ -1,4 +1,4 @@
-"""`unmask.delta.SparseDelta` on trained tiny models: save, load and apply bit for bit, remove,
+"""`unmask.SparseDelta` on trained tiny models: save, load and apply bit for bit, remove,
 add, and refuse a model the delta does not fit, leaving it unchanged.
 
 The file format and the refusal of damaged or hostile delta files are in

@@ -1,4 +1,4 @@
-"""`unmask.delta_format`: a delta folder on disk is read only when every check passes, and is
+"""`unmask.store.delta_format`: a delta folder on disk is read only when every check passes, and is
 never seen half written.
 
 Each refusal is a `DeltaError` that names the file and what is wrong with it.
@@ -36,10 +36,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import unmask
-import unmask.delta_format
+import unmask.store.delta_format
 from unmask import DeltaError, SparseDelta
-from unmask.cli import EXIT_OK, main
-from unmask.delta_format import CONFIG_FILE, TENSORS_FILE
+from unmask.app.cli import EXIT_OK, main
+from unmask.store.delta_format import CONFIG_FILE, TENSORS_FILE
 
 
 def sha256(path: Path) -> str:
@@ -571,7 +571,7 @@ def write_crafted(
                 "count": int(tensors["w:indices"].numel()) if "w:indices" in tensors else 0,
                 "shape": SHAPE,
                 "dtype": "float32",
-                "base_sha256": unmask.fingerprints.tensor_hash(torch.zeros(SHAPE)),
+                "base_sha256": unmask.store.fingerprints.tensor_hash(torch.zeros(SHAPE)),
             }
         ]
     config = {
@@ -688,7 +688,7 @@ def test_failed_save_keeps_the_previous_delta(bert_dense, bert_sparse, tmp_path,
     first.save_pretrained(folder)
     saved = {p.name: p.read_bytes() for p in folder.iterdir()}
 
-    real_save_file = unmask.delta_format.save_file
+    real_save_file = unmask.store.delta_format.save_file
 
     def half_then_fail(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)
@@ -696,7 +696,7 @@ def test_failed_save_keeps_the_previous_delta(bert_dense, bert_sparse, tmp_path,
         Path(filename).write_bytes(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(unmask.delta_format, "save_file", half_then_fail)
+    monkeypatch.setattr(unmask.store.delta_format, "save_file", half_then_fail)
     _, second = bert_sparse
     with pytest.raises(OSError, match="disk full"):
         second.save_pretrained(folder)
@@ -718,14 +718,14 @@ def test_save_interrupted_between_the_two_renames_keeps_the_previous_delta(
     def crash(path, text):
         raise OSError("power cut")
 
-    monkeypatch.setattr(unmask.delta_format, "atomic_write_text", crash)
+    monkeypatch.setattr(unmask.store.delta_format, "atomic_write_text", crash)
     with pytest.raises(OSError, match="power cut"):
         bert_sparse[1].save_pretrained(folder)
     # New tensors file, old config: the kept copy of the old tensors pairs with the old config.
     loaded = load(folder)
     assert loaded.num_weights == bert_dense[1].num_weights and loaded.replace
     # Without that copy the mismatch is refused rather than paired up.
-    (folder / unmask.delta_format.PREVIOUS_TENSORS_FILE).unlink()
+    (folder / unmask.store.delta_format.PREVIOUS_TENSORS_FILE).unlink()
     with pytest.raises(DeltaError, match=r"sha256 differs"):
         load(folder)
 

@@ -1,6 +1,6 @@
-"""`unmask.files`: every file the package writes goes through `atomic_write`, so it follows the
-process umask like a plain open(), no temporary file is left next to it, and a full disk raises
-OSError naming the file with the previous file intact."""
+"""`unmask.store.files`: every file the package writes goes through `atomic_write`, so it
+follows the process umask like a plain open(), no temporary file is left next to it, and a full
+disk raises OSError naming the file with the previous file intact."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ import torch
 from conftest import numbered_delta, save_of, tiny_bert, train_argv
 
 import unmask
-from unmask import SparseDelta, resources
-from unmask.cli import EXIT_USAGE, main
-from unmask.files import atomic_write, atomic_write_text
-from unmask.train import CHECKPOINT_FILE, _save_checkpoint
+from unmask import SparseDelta
+from unmask.app import resources
+from unmask.app.cli import EXIT_USAGE, main
+from unmask.app.train import CHECKPOINT_FILE, _save_checkpoint
+from unmask.store.files import atomic_write, atomic_write_text
 
 TENSORS, CONFIG = "delta.safetensors", "delta_config.json"
 

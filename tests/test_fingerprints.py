@@ -1,5 +1,5 @@
-"""`unmask.fingerprints`: a delta fingerprints the base tensors it changes and those its changes
-depend on, and refuses a model whose tensors differ.
+"""`unmask.store.fingerprints`: a delta fingerprints the base tensors it changes and those its
+changes depend on, and refuses a model whose tensors differ.
 
 Early in LoRA training ID3 selects only lora_B entries (B = 0 gives A no gradient), so a delta
 that fingerprints only the tensors it changes cannot tell LoRA models with other lora_A
@@ -16,8 +16,8 @@ import torch
 from conftest import make_batches, tiny_llama
 
 from unmask import DeltaError, SelectiveOptimizer, SparseDelta
-from unmask.delta_format import CONFIG_FILE
-from unmask.fingerprints import dependent_parameters
+from unmask.store.delta_format import CONFIG_FILE
+from unmask.store.fingerprints import dependent_parameters
 
 peft = pytest.importorskip("peft")
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from conftest import launch_torchrun, make_batches, tiny_bert
 
 from unmask import METHODS, SelectiveOptimizer, SparseDelta
-from unmask.schedules import UniformSchedule
+from unmask.choose.schedules import UniformSchedule
 
 WORLD = 2
 STEPS = 4

@@ -9,7 +9,8 @@ import torch
 from conftest import MODELS, make_batches, snapshot, tiny_bert, tiny_llama
 from method_matrix import can_run_on, method_kwargs, method_names, prepare
 
-from unmask import SelectiveOptimizer, gradient_tap
+from unmask import SelectiveOptimizer
+from unmask.optimize import gradient_tap
 
 STEPS = 6
 

@@ -10,8 +10,9 @@ from conftest import tiny_bert
 from method_matrix import assert_changes_only_selected, method_kwargs, method_names
 from torch import Tensor
 
-from unmask import METHODS, SelectiveOptimizer, scores
-from unmask.methods import Kind, Method
+from unmask import METHODS, SelectiveOptimizer
+from unmask.choose import scores
+from unmask.choose.methods import Kind, Method
 
 
 @dataclass

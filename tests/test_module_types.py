@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_bert, tiny_llama
 
 import unmask
-from unmask.cli import main
+from unmask.app.cli import main
 from unmask.module_types import (
     MODULE_TYPES,
     ROLE_TYPES,

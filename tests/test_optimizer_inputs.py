@@ -1,4 +1,4 @@
-"""`unmask.optimizer.SelectiveOptimizer`'s input checking: bad constructor arguments and bad
+"""`unmask.SelectiveOptimizer`'s input checking: bad constructor arguments and bad
 checkpoints given to `load_state_dict` are refused with a ValueError, and a model changed after
 the optimizer was built with a RuntimeError, whose message says what was wrong and how to fix
 it (`assert_clear`), before anything changes.

@@ -1,4 +1,4 @@
-"""unmask.resources without the network: pip is replaced by fakes, artifacts by tiny files."""
+"""unmask.app.resources without the network: pip is replaced by fakes, artifacts by tiny files."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from unmask import resources
-from unmask.resources import ResourceError
+from unmask.app import resources
+from unmask.app.resources import ResourceError
 
 
 @pytest.fixture

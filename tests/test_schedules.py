@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import unmask
 from unmask import SCHEDULES, LinearDecaySchedule, UniformSchedule, update_count
-from unmask.schedules import get_schedule
+from unmask.choose.schedules import get_schedule
 
 budgets = st.integers(min_value=1, max_value=10**6)
 steps = st.integers(min_value=1, max_value=2000)

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unmask import selection
-from unmask.selection import KeySource, select_top, select_top_keys
+from unmask.choose import selection
+from unmask.choose.selection import KeySource, select_top, select_top_keys
 
 
 def brute_force(tensors, k, floor):

@@ -1,4 +1,4 @@
-"""`unmask.slot_adamw.SlotAdamW`: its hyperparameters are checked before the first step.
+"""`unmask.optimize.slot_adamw.SlotAdamW`: its hyperparameters are checked before the first step.
 
 Its updates (per-weight step counts) are checked against the dense reference
 `tests/reference_id3.py` through `SelectiveOptimizer` in `tests/test_optimizer.py`.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_clear
 
-from unmask.slot_adamw import SlotAdamW
+from unmask.optimize.slot_adamw import SlotAdamW
 
 NAN, INF = float("nan"), float("inf")
 

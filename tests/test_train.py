@@ -1,6 +1,6 @@
-"""`unmask.train`: the run behind `unmask train`: its resumable checkpoints and its step log.
+"""`unmask.app.train`: the run behind `unmask train`: its resumable checkpoints and its step log.
 
-Runs go through `unmask.cli.main` in process on `tiny_model_dir` and `reviews_csv` (conftest).
+Runs go through `unmask.app.cli.main` in process on `tiny_model_dir` and `reviews_csv` (conftest).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import assert_clear, cli, train_argv, write_reviews
 
-from unmask.cli import EXIT_OK, EXIT_USAGE, main
-from unmask.train import CHECKPOINT_FILE, read_train_log
+from unmask.app.cli import EXIT_OK, EXIT_USAGE, main
+from unmask.app.train import CHECKPOINT_FILE, read_train_log
 
 
 def resume_argv(model, task, out) -> list[str]:

@@ -5,12 +5,18 @@ opt = unmask.SelectiveOptimizer(model, method="id3", budget="0.1%", total_steps=
 opt.delta().save_pretrained("out")
 """
 
-from .budget import resolve_budget
-from .delta import DeltaError, SparseDelta
-from .methods import METHODS, Method, make_method
-from .optimizer import SelectiveOptimizer
-from .schedules import SCHEDULES, LinearDecaySchedule, Schedule, UniformSchedule, update_count
-from .slot_adamw import SlotAdamW
+from unmask.choose.budget import resolve_budget
+from unmask.choose.methods import METHODS, Method, make_method
+from unmask.choose.schedules import (
+    SCHEDULES,
+    LinearDecaySchedule,
+    Schedule,
+    UniformSchedule,
+    update_count,
+)
+from unmask.optimize.optimizer import SelectiveOptimizer
+from unmask.optimize.slot_adamw import SlotAdamW
+from unmask.store.delta import DeltaError, SparseDelta
 
 __version__ = "0.1.0"
 

@@ -33,11 +33,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..delta import SparseDelta
-from ..methods import make_method
-from ..module_types import MODULE_TYPES, module_type
-from ..optimizer import SelectiveOptimizer
-from ..sharding import world_size
+from unmask.choose.methods import make_method
+from unmask.module_types import MODULE_TYPES, module_type
+from unmask.optimize.optimizer import SelectiveOptimizer
+from unmask.optimize.sharding import world_size
+from unmask.store.delta import SparseDelta
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,51 @@
+"""A model's score on a task's examples: accuracy, or exact match of the greedy continuation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from unmask.app.tasks.batches import encode
+from unmask.app.tasks.task import Task
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    examples: list[dict],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int = 8,
+) -> float:
+    """Accuracy (classification) or exact match of the greedy continuation (generation)."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        if task.kind == "classification":
+            batch = encode(tokenizer, task, chunk, max_length)
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+            continue
+        tokenizer.padding_side = "left"
+        enc = tokenizer(
+            [e["prompt"] for e in chunk],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        out = model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(
+            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        correct += sum(t.strip() == e["answer"].strip() for t, e in zip(texts, chunk, strict=True))
+    return correct / max(len(examples), 1)
