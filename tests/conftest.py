@@ -193,21 +193,28 @@ def train_id3(model: torch.nn.Module, steps: int = 3) -> SelectiveOptimizer:
     return opt
 
 
-@pytest.fixture(scope="module")
-def trained_delta() -> tuple[BertForSequenceClassification, SparseDelta]:
-    """(base model, delta) of a tiny BERT trained 2 steps by ID3 with a dense head."""
+def id3_with_dense_head(steps: int, budget: int):
+    """(base model, optimizer) of a tiny BERT trained `steps` steps by ID3 with a dense head,
+    on seeded random batches."""
     base = tiny_bert()
     model = copy.deepcopy(base)
     opt = SelectiveOptimizer(
-        model, method="id3", budget=200, total_steps=2, lr=1e-2, dense=["classifier"]
+        model, method="id3", budget=budget, total_steps=steps, lr=1e-2, dense=["classifier"]
     )
     g = torch.Generator().manual_seed(1)
-    for _ in range(2):
+    for _ in range(steps):
         ids = torch.randint(0, 100, (4, 12), generator=g)
         labels = torch.randint(0, 2, (4,), generator=g)
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
+    return base, opt
+
+
+@pytest.fixture(scope="module")
+def trained_delta() -> tuple[BertForSequenceClassification, SparseDelta]:
+    """(base model, delta) of a tiny BERT trained 2 steps by ID3 with a dense head."""
+    base, opt = id3_with_dense_head(steps=2, budget=200)
     return base, opt.delta()
 
 

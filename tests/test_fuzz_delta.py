@@ -36,13 +36,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import id3_with_dense_head
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from unmask import DeltaError, SelectiveOptimizer, SparseDelta
+from unmask import DeltaError, SparseDelta
 
 TENSORS = "delta.safetensors"
 CONFIG = "delta_config.json"
@@ -160,18 +160,7 @@ class Subject:
     """A valid saved delta (bytes) and a working copy of its base model, reset after each case."""
 
     def __init__(self, folder: Path) -> None:
-        base = tiny_bert()
-        trained = copy.deepcopy(base)
-        opt = SelectiveOptimizer(
-            trained, method="id3", budget=300, total_steps=3, lr=1e-2, dense=["classifier"]
-        )
-        g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            ids = torch.randint(0, 100, (4, 12), generator=g)
-            labels = torch.randint(0, 2, (4,), generator=g)
-            trained(input_ids=ids, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        base, opt = id3_with_dense_head(steps=3, budget=300)
         good = folder / "good"
         opt.delta().save_pretrained(good)
         self.tensors = (good / TENSORS).read_bytes()
@@ -180,7 +169,7 @@ class Subject:
         self.header = json.loads(self.tensors[8 : self.header_end])
         self.model = base
         self.base = {n: p.detach().clone() for n, p in base.named_parameters()}
-        self.trained = {n: p.detach().clone() for n, p in trained.named_parameters()}
+        self.trained = {n: p.detach().clone() for n, p in opt.model.named_parameters()}
         self.folder = folder / "case"
         self.folder.mkdir()
 
