@@ -112,7 +112,7 @@ def with_flag(flags: list[str], flag: str, value: str) -> list[str]:
             [("--budget", "10%")],
             [r"--budget '5%' \([\d,]+ weights\) in the checkpoint's run, '10%' \([\d,]+ weights\)"],
         ),
-        ([("--method", "random")], [r"--method 'id3' in the checkpoint's run, 'random' now"]),
+        ([("--method", "pafi")], [r"--method 'random' in the checkpoint's run, 'pafi' now"]),
         (
             [("--seed", "3"), ("--lr", "0.5")],
             [r"--seed 0 in the checkpoint's run, 3 now", r"--lr 0\.001 in the checkpoint's run"],

@@ -102,7 +102,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 "step": step,
                 "loss": round(loss.item(), 5),
                 "num_selected": opt.num_selected,
-                "scheduled": opt.schedule.cumulative(step, opt.budget, total),
+                # only a growing mask follows the schedule; the others hold their weights
+                # from the first step
+                "scheduled": opt.schedule.cumulative(step, opt.budget, total)
+                if opt.method.grows_mask
+                else opt.num_selected,
             }
             log.write(json.dumps(record) + "\n")
             log.flush()

@@ -15,11 +15,11 @@ class TrainConfig:
 
     model: str = "minilm"
     task: str = "polarity"
-    method: str = "id3"
+    method: str = "random"
     budget: str | None = "0.1%"
     epochs: float = 1.0
     steps: int | None = None
-    lr: float = 1e-3
+    lr: float = 3e-2
     weight_decay: float = 0.0
     batch_size: int = 16
     max_length: int = 64
