@@ -35,7 +35,7 @@ class RepeatSlots:
             kept = slots.sorted_slots[pos[found]]
         else:
             found = torch.zeros(chosen.numel(), dtype=torch.bool, device=chosen.device)
-            kept = torch.zeros(0, dtype=torch.long)
+            kept = torch.zeros(0, dtype=torch.long, device=chosen.device)
         slots.assign(chosen[~found])
         self._fit()
         previously_active = self.active.clone()
