@@ -36,6 +36,7 @@ from unmask.store.delta_format import (
     write_folder,
 )
 from unmask.store.fingerprints import dependent_parameters, tensor_hash
+from unmask.store.hub import delta_folder, upload
 
 # Callers import the store layer from here: the delta, its errors, fingerprints and file names.
 __all__ = [
@@ -380,7 +381,8 @@ class SparseDelta:
     # ------------------------------------------------------------------ files
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write delta.safetensors and delta_config.json into `directory` (created if missing).
+        """Write delta.safetensors, delta_config.json and a README.md model card into
+        `directory` (created if missing); a README.md unmask did not write is kept.
 
         Crash-safe: any sequence of saves killed at any point leaves a folder that loads; a full
         disk raises OSError with the previous delta intact (see `delta_format.write_folder`).
@@ -388,9 +390,33 @@ class SparseDelta:
         write_folder(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> SparseDelta:
-        """Load and validate a delta folder written by `save_pretrained`; raises DeltaError."""
-        return cls(**read_folder(directory))
+    def from_pretrained(
+        cls,
+        name: str | os.PathLike,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+    ) -> SparseDelta:
+        """Load and validate a delta written by `save_pretrained`; raises DeltaError.
+
+        name: a local folder, or a Hugging Face hub repository id (``owner/name``) that holds
+            one; a local path that exists always wins. Hub files go through
+            `huggingface_hub.snapshot_download` (its cache, ``HF_HUB_OFFLINE``, `revision`,
+            `cache_dir` and `token` as usual); see `unmask.store.hub.delta_folder`.
+        """
+        return cls(**read_folder(delta_folder(name, revision, cache_dir, token)))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+    ) -> Any:
+        """Upload the delta's files (and a model card naming `repo_id`) to a hub repository,
+        created if missing; returns `HfApi.upload_folder`'s commit information."""
+        return upload(self, repo_id, private, token, commit_message, revision)
 
 
 def _restored(
