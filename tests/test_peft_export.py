@@ -124,8 +124,11 @@ def test_llama_with_tied_embedding_rows_exports_as_lora_with_trainable_tokens(tm
     assert merged.lm_head.weight is merged.model.embed_tokens.weight  # still tied
 
 
-def test_llama_with_the_preset_exports_as_shira_bit_exactly(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_with_the_preset_exports_as_shira_bit_exactly(dtype, tmp_path, monkeypatch):
+    monkeypatch.setitem(MAKE, "llama", lambda: tiny_llama().to(dtype))
     base, model, delta = trained("llama", **unmask.peft_exportable(tiny_llama()))
+    assert base.model.embed_tokens.weight.dtype == dtype
     assert all("embed" not in name for name in delta.shapes)
     report = export_peft(delta, tmp_path / "adapter", copy.deepcopy(base))
     assert report["tuner"] == "shira" and report["dense_modules"] == []

@@ -176,8 +176,9 @@ def export_peft(
 
     if not isinstance(delta, SparseDelta):
         delta = SparseDelta.from_pretrained(delta)
-    name = None
-    if not isinstance(model, nn.Module):
+    if isinstance(model, nn.Module):
+        name = getattr(model, "name_or_path", None) or delta.metadata.get("base_model")
+    else:
         name = model if model is not None else delta.metadata.get("base_model")
         model = load_base_model(model, delta)
     output = Path(output)
@@ -277,7 +278,7 @@ def _config(peft: Any, plan: PeftPlan, model: nn.Module, name: Any) -> Any:
     common = dict(
         target_modules=targets,
         modules_to_save=plan.dense or None,
-        base_model_name_or_path=None if name is None else str(name),
+        base_model_name_or_path=str(name) if name else None,
         inference_mode=True,
     )
     if plan.tuner == "SHIRA":
