@@ -128,7 +128,11 @@ class SparseDelta:
 
         Besides each changed tensor's base, it fingerprints the tensors the changes depend on
         (`dependent_parameters` of the sparse entries, except the delta's own tensors): they
-        still hold their base values, as the delta does not change them.
+        still hold their base values, as the delta does not change them. On a peft model
+        (ID3 on LoRA, IA3, ...) that is every weight of its adapters, whose initialisation the
+        model's output depends on even where the delta changes nothing (a LoRA layer whose B
+        is not initialised to zero), so the delta applies only to an identically
+        initialised adapter.
 
         The base hashes need whole tensors: FSDP-sharded (DTensor) parameters are gathered one
         at a time, so under FSDP every rank calls this with the same `sparse`.
@@ -142,7 +146,7 @@ class SparseDelta:
             hashes[name] = tensor_hash(base.view(params[name].shape))
         dependencies = {
             name: tensor_hash(full(params[name].detach()))
-            for name in dependent_parameters(model, sparse)
+            for name in sorted({*dependent_parameters(model, sparse), *_adapter_parameters(model)})
             if name not in sparse and name not in replace
         }
         return cls(
@@ -417,6 +421,16 @@ class SparseDelta:
         """Upload the delta's files (and a model card naming `repo_id`) to a hub repository,
         created if missing; returns `HfApi.upload_folder`'s commit information."""
         return upload(self, repo_id, private, token, commit_message, revision)
+
+
+def _adapter_parameters(model: nn.Module) -> list[str]:
+    """Parameters of a peft model's adapters (names holding ``.<adapter name>.``, peft's layout:
+    ``...lora_A.default.weight``, ``...ia3_l.default``); none for a model without adapters."""
+    adapters = getattr(model, "peft_config", None)
+    if not isinstance(adapters, dict) or not adapters:
+        return []
+    marks = [f".{name}." for name in adapters]
+    return [n for n, _ in model.named_parameters() if any(m in f"{n}." for m in marks)]
 
 
 def _restored(
