@@ -95,6 +95,13 @@ def test_a_hub_id_missing_offline_says_what_to_do(offline):
     assert "not a local folder" in message and "HF_HUB_OFFLINE" in message
 
 
+@pytest.mark.parametrize("name", ["delta", "runs/default/delta", "./alice/d"])
+def test_a_missing_name_that_is_no_hub_id_is_a_missing_folder(offline, tmp_path, name, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(unmask.DeltaError, match=r"not found: a delta folder holds"):
+        SparseDelta.from_pretrained(name)
+
+
 def test_push_to_hub_creates_the_repo_and_uploads_the_delta(delta_and_model, monkeypatch):
     delta, _ = delta_and_model
     calls, uploaded = [], {}

@@ -31,15 +31,16 @@ def delta_folder(
 ) -> Path:
     """The local folder of the delta `name`: `name` itself if it exists, else its hub snapshot.
 
-    A name that exists on disk, or cannot be a hub id (absolute, ``./``, ``~``, more than one
-    ``/``), is a local path and is returned as it is (reading it reports what is missing).
+    A name that exists on disk, or is not of the form ``owner/name`` (absolute, ``./``, ``~``,
+    no ``/`` or more than one), is a local path and is returned as it is (reading it reports
+    what is missing).
     Otherwise the repository's delta files are fetched (or found in the cache) at `revision`.
     Raises DeltaError when the hub has no such repository or cannot be reached and the cache
     does not hold it.
     """
     path = Path(name).expanduser()
     text = str(name)
-    if path.exists() or not is_hub_id(text):
+    if path.exists() or not is_hub_id(text) or text.count("/") != 1:
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
