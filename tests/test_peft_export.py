@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -233,6 +235,16 @@ def test_a_failed_save_keeps_the_previous_export(tmp_path, monkeypatch):
         export_peft(delta, tmp_path / "adapter", copy.deepcopy(base))
     assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left
+
+
+def test_the_adapter_folder_follows_the_umask(tmp_path):
+    base, _, delta = trained("bert", **unmask.peft_exportable(tiny_bert()))
+    old = os.umask(0o022)
+    try:
+        export_peft(delta, tmp_path / "adapter", base)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
 
 
 def test_export_refuses_an_output_folder_holding_other_files(tmp_path):

@@ -35,8 +35,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,8 @@ def export_peft(
     _fill(adapted, plan, trained, model)
     del trained
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    tmp = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
+    tmp.mkdir()  # the mode a new folder gets (mkdtemp's would be private, 0700)
     try:
         adapted.save_pretrained(str(tmp))
         for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
