@@ -40,6 +40,9 @@ import unmask.store.delta_format
 from unmask import DeltaError, SparseDelta
 from unmask.app.cli import EXIT_OK, main
 from unmask.store.delta_format import CONFIG_FILE, TENSORS_FILE
+from unmask.store.model_card import CARD_FILE
+
+SAVED = sorted([CARD_FILE, TENSORS_FILE, CONFIG_FILE])  # what save_pretrained leaves in a folder
 
 
 def sha256(path: Path) -> str:
@@ -270,7 +273,7 @@ def test_any_two_saves_killed_in_a_row_leave_a_delta_that_loads(tmp_path):
                 assert save in (1, 2), where  # not older than the last complete save
             numbered_delta(3).save_pretrained(folder)  # the next save cleans up after the kills
             assert save_of(SparseDelta.from_pretrained(folder)) == 3, where
-            assert sorted(p.name for p in folder.iterdir()) == [TENSORS_FILE, CONFIG_FILE], where
+            assert sorted(p.name for p in folder.iterdir()) == SAVED, where
 
 
 def test_temporary_files_of_killed_saves_are_removed_and_not_counted(
@@ -289,8 +292,8 @@ def test_temporary_files_of_killed_saves_are_removed_and_not_counted(
     assert main(train_argv(tiny_model_dir, reviews_csv, out, *flags)) == EXIT_OK
     report = json.loads((out / "report.json").read_text())
     files = sorted(p.name for p in (out / "delta").iterdir())
-    assert files == [TENSORS_FILE, CONFIG_FILE]
-    sizes = sum((out / "delta" / name).stat().st_size for name in files)
+    assert files == SAVED
+    sizes = sum((out / "delta" / name).stat().st_size for name in files if name != CARD_FILE)
     assert report["delta_bytes"] == sizes
 
 
@@ -342,7 +345,7 @@ def test_folder_holds_only_safetensors_and_json_without_pickle(bert_dense, tmp_p
     trained, delta, opt = bert_dense
     folder = tmp_path / "d"
     delta.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([TENSORS_FILE, CONFIG_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == SAVED
 
     config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     assert config["tensors_sha256"] == sha256(folder / TENSORS_FILE)
@@ -734,7 +737,7 @@ def test_save_overwrites_an_existing_delta(bert_dense, bert_sparse, tmp_path):
     folder = tmp_path / "d"
     bert_dense[1].save_pretrained(folder)
     bert_sparse[1].save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([TENSORS_FILE, CONFIG_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == SAVED
     loaded = load(folder)
     assert not loaded.replace
     assert loaded.num_weights == bert_sparse[1].num_weights

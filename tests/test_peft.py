@@ -197,3 +197,33 @@ def test_unmask_trainer_on_lora_model(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     for (name, p), q in zip(model.named_parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_a_lora_delta_refuses_an_adapter_initialised_otherwise_where_it_changes_nothing():
+    # With a non-zero B at initialisation, a LoRA layer the delta never touches still changes
+    # the output, so the delta fingerprints every adapter weight, not only the layers it changes.
+    def model(value_seed: int):
+        config = peft.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False)
+        lora = peft.get_peft_model(tiny_bert(), config)
+        torch.manual_seed(value_seed)
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if ".value.lora_" in name:
+                    p.copy_(torch.randn_like(p))
+        return lora
+
+    trained = model(value_seed=1)
+    opt = unmask.SelectiveOptimizer(
+        trained, method="id3", budget=40, total_steps=2, lr=1e-2, include=[r"\.query\.lora_"]
+    )
+    train(trained, opt, make_batches("bert", 2))
+    delta = opt.delta()
+    assert delta.sparse and all(".query." in name for name in delta.sparse)
+    assert any(".value.lora_B" in name for name in delta.dependency_hashes)
+    fresh = model(value_seed=1)
+    delta.apply_(fresh)
+    pairs = zip(fresh.parameters(), trained.parameters(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+    other = model(value_seed=2)  # the same query adapter, another value adapter
+    with pytest.raises(unmask.DeltaError, match=r"value\.lora_[AB]\.default\.weight"):
+        delta.apply_(other)

@@ -30,6 +30,7 @@ and save them as a small sparse delta.
   unmask train --task data.csv --model PATH_OR_HUB_NAME --method pafi --budget 50K
   unmask eval --delta runs/default/delta --task polarity
   unmask merge --delta runs/default/delta --output merged/
+  unmask export --delta runs/default/delta --format peft --output adapter/
   unmask inspect runs/default/delta --log runs/default/train_log.jsonl --plot budget.png
 """
 
@@ -185,6 +186,17 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         )
         merge.set_defaults(handler=_merge)
 
+    export = sub.add_parser(
+        "export", help="write a delta as an adapter folder that stock peft loads"
+    )
+    export.add_argument("--delta", required=True, help="delta folder or hub id")
+    export.add_argument("--format", required=True, choices=["peft"])
+    export.add_argument("--output", required=True, help="adapter folder to write")
+    export.add_argument(
+        "--model", default=None, help="base model (default: the one recorded in the delta)"
+    )
+    export.set_defaults(handler=_export)
+
     inspect = sub.add_parser("inspect", help="where the budget went, per layer and module type")
     inspect.add_argument("delta", help="delta folder")
     inspect.add_argument("--log", type=Path, default=None, help="train_log.jsonl of the run")
@@ -327,6 +339,26 @@ def _merge(args: argparse.Namespace) -> int:
     AutoTokenizer.from_pretrained(path).save_pretrained(output)
     _check_saved_model(output)
     print(f"wrote merged model ({delta.num_weights:,} weights changed) to {output}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from unmask.app.models import resolve_model
+    from unmask.store.peft_export import export_peft
+
+    model = None if args.model is None else resolve_model(args.model)
+    report = export_peft(args.delta, args.output, model)
+    stored = [f"{report['sparse_layers']} sparse layers"]
+    if report["shira_r"] is not None:
+        stored[0] += f" (SHiRA r={report['shira_r']})"
+    if report["token_rows"]:
+        stored.append(f"{report['token_rows']} embedding rows")
+    if report["dense_modules"]:
+        stored.append(f"{len(report['dense_modules'])} whole modules (modules_to_save)")
+    print(
+        f"wrote a peft {report['tuner']} adapter to {args.output} ({report['bytes']:,} bytes): "
+        f"{', '.join(stored)}; load it with PeftModel.from_pretrained(base, {args.output!r})"
+    )
     return EXIT_OK
 
 

@@ -36,6 +36,7 @@ from unmask.store.delta_format import (
     write_folder,
 )
 from unmask.store.fingerprints import dependent_parameters, tensor_hash
+from unmask.store.hub import delta_folder, upload
 
 # Callers import the store layer from here: the delta, its errors, fingerprints and file names.
 __all__ = [
@@ -127,7 +128,11 @@ class SparseDelta:
 
         Besides each changed tensor's base, it fingerprints the tensors the changes depend on
         (`dependent_parameters` of the sparse entries, except the delta's own tensors): they
-        still hold their base values, as the delta does not change them.
+        still hold their base values, as the delta does not change them. On a peft model
+        (ID3 on LoRA, IA3, ...) that is every weight of its adapters, whose initialisation the
+        model's output depends on even where the delta changes nothing (a LoRA layer whose B
+        is not initialised to zero), so the delta applies only to an identically
+        initialised adapter.
 
         The base hashes need whole tensors: FSDP-sharded (DTensor) parameters are gathered one
         at a time, so under FSDP every rank calls this with the same `sparse`.
@@ -141,7 +146,7 @@ class SparseDelta:
             hashes[name] = tensor_hash(base.view(params[name].shape))
         dependencies = {
             name: tensor_hash(full(params[name].detach()))
-            for name in dependent_parameters(model, sparse)
+            for name in sorted({*dependent_parameters(model, sparse), *_adapter_parameters(model)})
             if name not in sparse and name not in replace
         }
         return cls(
@@ -380,7 +385,8 @@ class SparseDelta:
     # ------------------------------------------------------------------ files
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write delta.safetensors and delta_config.json into `directory` (created if missing).
+        """Write delta.safetensors, delta_config.json and a README.md model card into
+        `directory` (created if missing); a README.md unmask did not write is kept.
 
         Crash-safe: any sequence of saves killed at any point leaves a folder that loads; a full
         disk raises OSError with the previous delta intact (see `delta_format.write_folder`).
@@ -388,9 +394,43 @@ class SparseDelta:
         write_folder(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> SparseDelta:
-        """Load and validate a delta folder written by `save_pretrained`; raises DeltaError."""
-        return cls(**read_folder(directory))
+    def from_pretrained(
+        cls,
+        name: str | os.PathLike,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+    ) -> SparseDelta:
+        """Load and validate a delta written by `save_pretrained`; raises DeltaError.
+
+        name: a local folder, or a Hugging Face hub repository id (``owner/name``) that holds
+            one; a local path that exists always wins. Hub files go through
+            `huggingface_hub.snapshot_download` (its cache, ``HF_HUB_OFFLINE``, `revision`,
+            `cache_dir` and `token` as usual); see `unmask.store.hub.delta_folder`.
+        """
+        return cls(**read_folder(delta_folder(name, revision, cache_dir, token)))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+    ) -> Any:
+        """Upload the delta's files (and a model card naming `repo_id`) to a hub repository,
+        created if missing; returns `HfApi.upload_folder`'s commit information."""
+        return upload(self, repo_id, private, token, commit_message, revision)
+
+
+def _adapter_parameters(model: nn.Module) -> list[str]:
+    """Parameters of a peft model's adapters (names holding ``.<adapter name>.``, peft's layout:
+    ``...lora_A.default.weight``, ``...ia3_l.default``); none for a model without adapters."""
+    adapters = getattr(model, "peft_config", None)
+    if not isinstance(adapters, dict) or not adapters:
+        return []
+    marks = [f".{name}." for name in adapters]
+    return [n for n, _ in model.named_parameters() if any(m in f"{n}." for m in marks)]
 
 
 def _restored(

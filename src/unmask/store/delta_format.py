@@ -1,6 +1,7 @@
 """The on-disk format of a SparseDelta, and the checks every delta passes.
 
-A delta is a folder with two files:
+A delta is a folder with two files (and a README.md model card, see `model_card`, which loading
+never reads):
   delta.safetensors   per tensor NAME either ``NAME:indices`` (int32, or int64 for tensors with
                       >= 2^31 elements; ascending, unique) with ``NAME:values`` (the change from
                       the pretrained value, float32/float64), or ``NAME:replace`` (the whole
@@ -41,6 +42,7 @@ from unmask.store.files import (
     file_sha256,
     remove_stale_temporaries,
 )
+from unmask.store.model_card import CARD_FILE, is_unmask_card, model_card
 
 if TYPE_CHECKING:
     from unmask.store.delta import SparseDelta
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 TENSORS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
 PREVIOUS_TENSORS_FILE = ".delta.safetensors.previous"
-_SAVED_FILES = (TENSORS_FILE, CONFIG_FILE, PREVIOUS_TENSORS_FILE)
+_SAVED_FILES = (TENSORS_FILE, CONFIG_FILE, PREVIOUS_TENSORS_FILE, CARD_FILE)
 _LOAD_ATTEMPTS = 20  # reads of a folder that a concurrent save keeps changing, before giving up
 FORMAT = "unmask.SparseDelta"
 FORMAT_VERSION = 1
@@ -73,6 +75,9 @@ def write_folder(delta: SparseDelta, directory: str | os.PathLike) -> None:
     one in progress once its config landed. Saves into one folder take turns (a lock on the
     folder); each first deletes the temporary files of earlier saves that were killed. A
     full disk raises OSError with the previous delta intact.
+
+    The model card (README.md) is written atomically before the config, unless the folder
+    holds a README.md that unmask did not write, which is kept.
     """
     from safetensors import SafetensorError
 
@@ -120,9 +125,23 @@ def write_folder(delta: SparseDelta, directory: str | os.PathLike) -> None:
             "metadata": delta.metadata,
             "dependency_sha256": dict(sorted(delta.dependency_hashes.items())),
         }
+        _write_card(delta, directory)
         text = json.dumps(config, indent=1, sort_keys=True)
         atomic_write_text(directory / CONFIG_FILE, text)
         previous.unlink(missing_ok=True)
+
+
+def _write_card(delta: SparseDelta, directory: Path) -> None:
+    """Write the README.md model card, keeping a README.md of the user's own."""
+    card = directory / CARD_FILE
+    try:
+        if not is_unmask_card(_read_regular(card, MAX_CONFIG_BYTES).decode("utf-8", "replace")):
+            return
+    except FileNotFoundError:
+        pass
+    except (OSError, DeltaError):
+        return  # not a regular file we could read: not ours to replace
+    atomic_write_text(card, model_card(delta, str(directory)))
 
 
 def _entry(delta: SparseDelta, name: str, kind: str, count: int) -> dict[str, Any]:
