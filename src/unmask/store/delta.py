@@ -205,7 +205,7 @@ class SparseDelta:
             merged, inverse = torch.unique(
                 torch.cat([idx_a.long(), idx_b.long()]), return_inverse=True
             )
-            values = torch.zeros(merged.numel(), dtype=dtype)
+            values = torch.zeros(merged.numel(), dtype=dtype, device=merged.device)
             values.index_add_(0, inverse, torch.cat([val_a.to(dtype), val_b.to(dtype)]))
             sparse[name] = (merged.to(idx_a.dtype), values)
         return SparseDelta(
