@@ -16,6 +16,7 @@ from transformers import BertForSequenceClassification as Bert
 from transformers import BertTokenizerFast
 
 from unmask import METHODS, SparseDelta
+from unmask.app.checkpoints import last_checkpoint
 from unmask.app.cli import EXIT_OK, EXIT_USAGE, main
 
 
@@ -319,7 +320,10 @@ def test_sigterm_writes_checkpoint_and_resume_matches_uninterrupted(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     assert b"--resume" in err
-    assert (interrupted / "checkpoint.pt").is_file() and not (interrupted / "delta").exists()
+    checkpoint = last_checkpoint(interrupted)
+    assert (checkpoint / "optimizer.pt").is_file() and not (interrupted / "delta").exists()
+    # The checkpoint holds the delta, not a copy of the model.
+    assert (checkpoint / "unmask_delta").is_dir() and not (checkpoint / "model.safetensors").exists()
 
     assert main(["train", *common, "--output", str(interrupted), "--resume"]) == 0
     reference = tmp_path / "reference"
@@ -365,10 +369,11 @@ def test_persistent_nonfinite_gradients_stop_with_exit_4(
     )
     assert code == 4
     assert "max_nonfinite_steps" in capsys.readouterr().err
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    state = checkpoint["optimizer"]
+    checkpoint = last_checkpoint(out)
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert torch.isfinite(state["delta"]).all() and torch.isfinite(state["base"]).all()
-    assert all(torch.isfinite(v).all() for v in checkpoint["dense"].values())
+    delta = SparseDelta.from_pretrained(checkpoint / "unmask_delta")
+    assert delta.replace and all(torch.isfinite(v).all() for v in delta.replace.values())
 
 
 # ---------------------------------------------------------------- bad input exits 2
@@ -552,10 +557,10 @@ def test_cli_single_label_data_exits_2(tiny_model_dir, tmp_path, capsys):
 
 def test_cli_unknown_method_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["train", "--method", "lora"])
+        main(["train", "--method", "id4"])
     assert exit_.value.code == EXIT_USAGE
     err = capsys.readouterr().err
-    assert_clear(err, r"invalid choice: 'lora'", r"choose from")
+    assert_clear(err, r"invalid choice: 'id4'", r"choose from")
     for name in METHODS:
         assert name in err
 
