@@ -21,8 +21,9 @@ resume: `optimizer.state_dict()` (slots, wrapped optimizer state, step counter),
 the RNG states and the trainer state. `train(resume_from_checkpoint=...)` rebuilds the weights
 as base + delta (the model passed to the Trainer must be the base the run started from: the
 delta checks it) and restores the rest, so a resumed run selects the same weights and reaches
-the same values as an uninterrupted one. On the tiny BERT of the tests (110K weights, budget
-60) a checkpoint takes 12.3 KB instead of 466 KB with model.safetensors. Pass
+the same values as an uninterrupted one. On the tiny BERT of the tests (23,586 weights,
+budget 60) a checkpoint takes 33,880 bytes instead of 133,268 (model.safetensors alone is
+98,656; the delta 3,646; the rest is the optimizer, scheduler, RNG and trainer state). Pass
 ``save_full_model=True`` for checkpoints that `from_pretrained` loads; with
 ``load_best_model_at_end`` full models are saved, since the Trainer reloads the best weights
 from them.
@@ -360,17 +361,19 @@ class UnmaskTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the delta (``unmask_delta/``), the tokenizer and the training arguments to
-        `output_dir`, not the weights: base + delta rebuilds them (see the module docstring)."""
+        `output_dir`, not the weights: base + delta rebuilds them (see the module docstring).
+        With the whole model saved too (`save_full_model`), the delta is written next to it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        opt = unwrap_optimizer(self.optimizer)
         if not self._saves_delta_only():
             super()._save(output_dir, state_dict)
+            if opt is not None and self.args.should_save:
+                opt.delta().save_pretrained(os.path.join(output_dir, DELTA_DIRNAME))
             return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        unwrap_optimizer(self.optimizer).delta().save_pretrained(
-            os.path.join(output_dir, DELTA_DIRNAME)
-        )
+        opt.delta().save_pretrained(os.path.join(output_dir, DELTA_DIRNAME))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
