@@ -143,7 +143,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
         task.metric: metric,
         "weights_changed": opt.num_changed if opt else sum(p.numel() for p in trainable),
         "weights_total": sum(p.numel() for p in model.parameters()),
-        "delta_bytes": saved_bytes(result),
+        "delta_bytes": saved_bytes(result)
+        if opt
+        else sum(f.stat().st_size for f in result.iterdir() if f.is_file()),
         "steps": total,
         "train_seconds": round(train_seconds, 1),
         "optimizer_state_bytes": opt.state_bytes() if opt else None,
