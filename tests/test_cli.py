@@ -323,7 +323,8 @@ def test_sigterm_writes_checkpoint_and_resume_matches_uninterrupted(
     checkpoint = last_checkpoint(interrupted)
     assert (checkpoint / "optimizer.pt").is_file() and not (interrupted / "delta").exists()
     # The checkpoint holds the delta, not a copy of the model.
-    assert (checkpoint / "unmask_delta").is_dir() and not (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / "unmask_delta").is_dir()
+    assert not (checkpoint / "model.safetensors").exists()
 
     assert main(["train", *common, "--output", str(interrupted), "--resume"]) == 0
     reference = tmp_path / "reference"
@@ -504,7 +505,8 @@ def test_cli_eval_with_labels_unseen_in_training(
         (["--budget", "ten"], r"cannot read budget 'ten'", r"use a count"),
         (["--budget", "10M"], r"10,000,000 weights, but only [\d,]+", r"lower the budget"),
         (["--budget", "0,1%"], r"cannot read budget '0,1%'", r"write decimals with a dot"),
-        (["--method", "id3", "--score-eps", "0"], r"score_eps .*got 0\.0", r"positive finite number"),
+        (["--method", "id3", "--score-eps", "0"], r"score_eps .*got 0\.0",
+         r"positive finite number"),
         (["--method", "id3", "--score-exp", "nan"], r"score_exp .*got nan", r"finite number"),
         (["--steps", "-3"], r"--steps .*got -3", r"positive integer"),
         (["--steps", "0"], r"--steps.*0", r"positive"),
