@@ -82,7 +82,8 @@ def test_resume_from_a_damaged_checkpoint_exits_2(
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
-    """A 4-step run with a checkpoint after step 2, its task file, and its flags."""
+    """A 4-step run checkpointed every 2 steps (the last checkpoint is kept: checkpoint-4), its
+    task file, and its flags."""
     root = tmp_path_factory.mktemp("resume")
     task = write_reviews(root / "reviews.csv")
     flags = ["--steps", "4", "--budget", "5%", "--seed", "0", "--lr", "1e-3"]
@@ -153,6 +154,18 @@ def test_resume_with_the_same_settings_still_works(run_dir, tiny_model_dir, tmp_
     flags = with_flag(flags, "--budget", str(count))
     assert main(train_argv(tiny_model_dir, task, out, *flags, "--resume")) == EXIT_OK
     assert (out / "delta").is_dir()
+
+
+def test_resume_skips_a_checkpoint_cut_short(run_dir, tiny_model_dir, tmp_path):
+    run, task, flags = run_dir
+    out = copy_run(run, tmp_path / "run")
+    # A later save killed before the Trainer wrote trainer_state.json (its last file).
+    partial = out / CHECKPOINTS / "checkpoint-6"
+    shutil.copytree(last_checkpoint(out), partial)
+    (partial / "trainer_state.json").unlink()
+    assert last_checkpoint(out).name == "checkpoint-4"
+    assert main(train_argv(tiny_model_dir, task, out, *flags, "--resume")) == EXIT_OK
+    assert [r["step"] for r in read_train_log(out / "train_log.jsonl")[0]] == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------- the step log

@@ -31,7 +31,11 @@ RUN_SETTINGS = (
 
 
 def last_checkpoint(output: Path) -> Path:
-    """The checkpoint of the highest step under `output`; FileNotFoundError when there is none."""
+    """The checkpoint of the highest step under `output`; FileNotFoundError when there is none.
+
+    A folder without trainer_state.json (which the Trainer writes last) is a save cut short by
+    a kill or a full disk: the one before it is taken, while there is one.
+    """
     folder = output / CHECKPOINTS
     found = []
     if folder.is_dir():
@@ -43,7 +47,8 @@ def last_checkpoint(output: Path) -> Path:
         raise FileNotFoundError(
             f"--resume: no checkpoint at {folder} (checkpoint-<step> folders); run without --resume"
         )
-    return max(found)[1]
+    complete = [(step, path) for step, path in found if (path / "trainer_state.json").is_file()]
+    return max(complete or found)[1]
 
 
 def check_same_run(path: Path, saved: dict[str, Any], settings: dict[str, Any]) -> None:
