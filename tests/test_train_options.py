@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +296,15 @@ def test_a_flag_overrides_the_file_for_trainer_options(tiny_model_dir, reviews_c
     used = json.loads((out / "report.json").read_text())["config"]
     assert used["lr_scheduler_type"] == "constant"  # the flag
     assert (used["max_grad_norm"], used["include"]) == (2.0, ["encoder"])  # the file
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_check_says_when_there_is_no_cuda(tmp_path):
+    script = Path(__file__).parent.parent / "scripts" / "gpu_check.sh"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 1
+    assert_clear(done.stderr, r"no CUDA device here", r"run this on a machine with an NVIDIA GPU")
+    assert not (tmp_path / "gpu_check.json").exists()
