@@ -24,6 +24,8 @@ from unmask.module_types import MODULE_TYPES
 accelerate = pytest.importorskip("accelerate", reason="Trainer needs accelerate")
 
 STEPS, SAVE, BATCH = 6, 3, 4
+# Tests that place the model on a device run on each one present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -72,13 +74,14 @@ def step_logs(trainer: Trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_trainer_id3_follows_schedule_saves_deltas_and_logs(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_id3_follows_schedule_saves_deltas_and_logs(tmp_path, device):
     model = model_without_dropout()
     pretrained = snapshot(model)
     budget = 60
     trainer = UnmaskTrainer(
         model=model,
-        args=training_args(tmp_path),
+        args=training_args(tmp_path, use_cpu=device == "cpu"),
         train_dataset=TokenDataset(),
         unmask_config=dict(method="id3", budget=budget),
     )
@@ -106,12 +109,13 @@ def test_trainer_id3_follows_schedule_saves_deltas_and_logs(tmp_path):
         assert delta.metadata["method"] == "id3" and delta.metadata["steps_done"] == step
     final = unmask.SparseDelta.from_pretrained(tmp_path / DELTA_DIRNAME)
     assert final.num_weights == budget
+    assert next(model.parameters()).device.type == device
     rebuilt = final.apply_(model_without_dropout())
     for name, p in rebuilt.named_parameters():
-        assert torch.equal(p, dict(model.named_parameters())[name]), name
+        assert torch.equal(p, dict(model.named_parameters())[name].cpu()), name
 
     # Frozen means frozen: only the selected weights moved.
-    changed = sum(int((p != pretrained[n]).sum()) for n, p in model.named_parameters())
+    changed = sum(int((p.cpu() != pretrained[n].cpu()).sum()) for n, p in model.named_parameters())
     assert 0 < changed <= budget
 
     # The Trainer's linear scheduler drives the wrapped optimizer's learning rate down to 0.
@@ -366,15 +370,19 @@ def test_accelerate_prepare_matches_plain_loop():
         assert torch.equal(p, q), name
 
 
-def test_low_memory_mode_clips_like_the_standard_mode(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_memory_mode_clips_like_the_standard_mode(tmp_path, device):
     # The Trainer clips after backward; in low-memory mode the candidates' .grad is already
     # gone, so UnmaskTrainer clips through the optimizer. Both runs must train the same weights.
     results = []
     for low_memory in (False, True):
         model = model_without_dropout()
+        args = training_args(
+            tmp_path / str(low_memory), max_grad_norm=0.05, save_steps=100, use_cpu=device == "cpu"
+        )
         trainer = UnmaskTrainer(
             model=model,
-            args=training_args(tmp_path / str(low_memory), max_grad_norm=0.05, save_steps=100),
+            args=args,
             train_dataset=TokenDataset(),
             unmask_config=dict(method="id3", budget=60, low_memory=low_memory),
         )
