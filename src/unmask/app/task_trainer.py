@@ -76,11 +76,25 @@ class _TaskRun:
         self.run_settings = run_settings
         self.result_metadata = result_metadata
         self.best_folder, self.best = best_folder, best
+        # The Trainer reseeds torch when it is built; a new run continues from the generator's
+        # state before that instead (dropout masks follow from the run's seed and what was
+        # drawn while loading the model, as they did before unmask train ran on the Trainer).
+        self._rng_state = torch.get_rng_state()
         super().__init__(*args, **kwargs)
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
+        if resume_from_checkpoint is None:
+            torch.set_rng_state(self._rng_state)  # a resumed run gets the checkpoint's state
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def get_train_dataloader(self) -> DataLoader:
+        # A generator of its own: iterating a DataLoader draws a seed for its workers, which
+        # would otherwise come from the global generator and shift every dropout mask.
         loader = DataLoader(
-            self.task.train, batch_sampler=FixedBatches(self.batches), collate_fn=self._collate
+            self.task.train,
+            batch_sampler=FixedBatches(self.batches),
+            collate_fn=self._collate,
+            generator=torch.Generator().manual_seed(self.args.seed),
         )
         return self.accelerator.prepare(loader)
 
