@@ -170,8 +170,7 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             action.default = argparse.SUPPRESS
 
     ev = sub.add_parser("eval", help="evaluate a base model plus a delta on a task")
-    _model_task_args(ev, defaults)
-    ev.set_defaults(model=None)  # the base model recorded in the delta
+    _model_task_args(ev, defaults, recorded_model=True)
     ev.add_argument("--delta", required=True, help="delta folder (from unmask train)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=defaults.seed)
@@ -276,11 +275,16 @@ def _trainer_args(train: argparse.ArgumentParser, defaults, choices) -> None:
     )
 
 
-def _model_task_args(parser: argparse.ArgumentParser, defaults) -> None:
+def _model_task_args(
+    parser: argparse.ArgumentParser, defaults, recorded_model: bool = False
+) -> None:
+    """--model, --task and the column and size options; with `recorded_model` (eval) --model
+    defaults to the base model recorded in the delta, else to TrainConfig's."""
     parser.add_argument(
         "--model",
-        default=defaults.model,
-        help="'minilm', 'smollm2', a local folder or a hub name (default: %(default)s)",
+        default=None if recorded_model else defaults.model,
+        help="'minilm', 'smollm2', a local folder or a hub name (default: "
+        + ("the base model recorded in the delta)" if recorded_model else "%(default)s)"),
     )
     parser.add_argument(
         "--task",
