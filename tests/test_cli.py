@@ -217,6 +217,8 @@ def test_causal_lm_prompt_answer(tmp_path, capsys):
                 str(data),
                 "--steps",
                 "4",
+                "--eval-steps",
+                "2",
                 "--budget",
                 "10%",
                 "--lr",
@@ -230,6 +232,11 @@ def test_causal_lm_prompt_answer(tmp_path, capsys):
     )
     report = json.loads((out / "report.json").read_text())
     assert report["task"]["kind"] == "generation" and 0.0 <= report["exact_match"] <= 1.0
+    # evaluation during training generates answers on the validation split
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval_exact_match" in r] == [1, 3]
+    assert report["best"]["best_step"] in (2, 4)
+    assert SparseDelta.from_pretrained(out / "best_delta").metadata["best_step"] in (2, 4)
     merged = tmp_path / "merged"
     assert (
         main(
