@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import COLUMNS, assert_clear, cli, train_argv
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from unmask import SparseDelta
@@ -125,11 +126,17 @@ def test_low_memory_trains_the_same_weights(tiny_model_dir, reviews_csv, tmp_pat
         torch.testing.assert_close(low.sparse[name][1], values, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "method",
+    [["--method", "id3", "--budget", "5%"], ["--method", "id3", "--budget", "300", "--lora-r", "4"],
+     ["--method", "lora", "--lora-r", "4"]],
+    ids=["id3", "id3+lora", "lora"],
+)  # fmt: skip
 def test_interrupted_and_resumed_with_trainer_options_is_bit_identical(
-    tiny_model_dir, reviews_csv, tmp_path, monkeypatch
+    tiny_model_dir, reviews_csv, tmp_path, monkeypatch, method
 ):
     flags = [
-        "--method", "id3", "--budget", "5%", "--steps", "6", "--lr", "1e-2", "--batch-size", "4",
+        *method, "--steps", "6", "--lr", "1e-2", "--batch-size", "4",
         "--lr-scheduler-type", "linear", "--warmup-ratio", "0.2", "--max-grad-norm", "0.5",
         "--gradient-accumulation-steps", "2",
     ]  # fmt: skip
@@ -149,9 +156,15 @@ def test_interrupted_and_resumed_with_trainer_options_is_bit_identical(
         assert main(train_argv(tiny_model_dir, reviews_csv, resumed, *flags)) == EXIT_INTERRUPTED
     assert (resumed / "checkpoints" / "checkpoint-3").is_dir()
     assert main(train_argv(tiny_model_dir, reviews_csv, resumed, *flags, "--resume")) == EXIT_OK
-    a = SparseDelta.from_pretrained(straight / "delta")
-    b = SparseDelta.from_pretrained(resumed / "delta")
-    assert same_delta(a, b)
+    if "lora" in method:  # plain LoRA: the adapters' weights
+        a, b = (
+            load_file(run / "adapter" / "adapter_model.safetensors") for run in (straight, resumed)
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        a = SparseDelta.from_pretrained(straight / "delta")
+        b = SparseDelta.from_pretrained(resumed / "delta")
+        assert same_delta(a, b)
     assert steps_of(straight) == steps_of(resumed)
 
 
