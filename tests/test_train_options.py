@@ -222,7 +222,15 @@ def test_eval_defaults_to_the_recorded_base_and_merge_keeps_the_labels(
 def test_report_to_tensorboard(tiny_model_dir, reviews_csv, tmp_path, capsys):
     out = tmp_path / "run"
     argv = train_argv(
-        tiny_model_dir, reviews_csv, out, "--steps", "2", "--report-to", "tensorboard"
+        tiny_model_dir,
+        reviews_csv,
+        out,
+        "--steps",
+        "2",
+        "--budget",
+        "5%",
+        "--report-to",
+        "tensorboard",
     )
     try:
         import tensorboard  # noqa: F401
