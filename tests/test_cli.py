@@ -16,6 +16,7 @@ from transformers import BertForSequenceClassification as Bert
 from transformers import BertTokenizerFast
 
 from unmask import METHODS, SparseDelta
+from unmask.app.checkpoints import last_checkpoint
 from unmask.app.cli import EXIT_OK, EXIT_USAGE, main
 
 
@@ -216,6 +217,8 @@ def test_causal_lm_prompt_answer(tmp_path, capsys):
                 str(data),
                 "--steps",
                 "4",
+                "--eval-steps",
+                "2",
                 "--budget",
                 "10%",
                 "--lr",
@@ -229,6 +232,11 @@ def test_causal_lm_prompt_answer(tmp_path, capsys):
     )
     report = json.loads((out / "report.json").read_text())
     assert report["task"]["kind"] == "generation" and 0.0 <= report["exact_match"] <= 1.0
+    # evaluation during training generates answers on the validation split
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval_exact_match" in r] == [1, 3]
+    assert report["best"]["best_step"] in (2, 4)
+    assert SparseDelta.from_pretrained(out / "best_delta").metadata["best_step"] in (2, 4)
     merged = tmp_path / "merged"
     assert (
         main(
@@ -319,7 +327,11 @@ def test_sigterm_writes_checkpoint_and_resume_matches_uninterrupted(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     assert b"--resume" in err
-    assert (interrupted / "checkpoint.pt").is_file() and not (interrupted / "delta").exists()
+    checkpoint = last_checkpoint(interrupted)
+    assert (checkpoint / "optimizer.pt").is_file() and not (interrupted / "delta").exists()
+    # The checkpoint holds the delta, not a copy of the model.
+    assert (checkpoint / "unmask_delta").is_dir()
+    assert not (checkpoint / "model.safetensors").exists()
 
     assert main(["train", *common, "--output", str(interrupted), "--resume"]) == 0
     reference = tmp_path / "reference"
@@ -365,10 +377,11 @@ def test_persistent_nonfinite_gradients_stop_with_exit_4(
     )
     assert code == 4
     assert "max_nonfinite_steps" in capsys.readouterr().err
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    state = checkpoint["optimizer"]
+    checkpoint = last_checkpoint(out)
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert torch.isfinite(state["delta"]).all() and torch.isfinite(state["base"]).all()
-    assert all(torch.isfinite(v).all() for v in checkpoint["dense"].values())
+    delta = SparseDelta.from_pretrained(checkpoint / "unmask_delta")
+    assert delta.replace and all(torch.isfinite(v).all() for v in delta.replace.values())
 
 
 # ---------------------------------------------------------------- bad input exits 2
@@ -499,7 +512,8 @@ def test_cli_eval_with_labels_unseen_in_training(
         (["--budget", "ten"], r"cannot read budget 'ten'", r"use a count"),
         (["--budget", "10M"], r"10,000,000 weights, but only [\d,]+", r"lower the budget"),
         (["--budget", "0,1%"], r"cannot read budget '0,1%'", r"write decimals with a dot"),
-        (["--method", "id3", "--score-eps", "0"], r"score_eps .*got 0\.0", r"positive finite number"),
+        (["--method", "id3", "--score-eps", "0"], r"score_eps .*got 0\.0",
+         r"positive finite number"),
         (["--method", "id3", "--score-exp", "nan"], r"score_exp .*got nan", r"finite number"),
         (["--steps", "-3"], r"--steps .*got -3", r"positive integer"),
         (["--steps", "0"], r"--steps.*0", r"positive"),
@@ -552,10 +566,10 @@ def test_cli_single_label_data_exits_2(tiny_model_dir, tmp_path, capsys):
 
 def test_cli_unknown_method_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["train", "--method", "lora"])
+        main(["train", "--method", "id4"])
     assert exit_.value.code == EXIT_USAGE
     err = capsys.readouterr().err
-    assert_clear(err, r"invalid choice: 'lora'", r"choose from")
+    assert_clear(err, r"invalid choice: 'id4'", r"choose from")
     for name in METHODS:
         assert name in err
 

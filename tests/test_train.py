@@ -12,11 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import assert_clear, cli, train_argv, write_reviews
 
+from unmask.app.checkpoints import CHECKPOINTS, RUN_FILE, last_checkpoint
 from unmask.app.cli import EXIT_OK, EXIT_USAGE, main
-from unmask.app.train import CHECKPOINT_FILE, read_train_log
+from unmask.app.train import read_train_log
 
 
 def resume_argv(model, task, out) -> list[str]:
@@ -25,10 +25,10 @@ def resume_argv(model, task, out) -> list[str]:
 
 
 def copy_run(run: Path, dest: Path) -> Path:
-    """A copy of `run`'s checkpoint and step log in a new folder `dest`."""
+    """A copy of `run`'s checkpoints and step log in a new folder `dest`."""
     dest.mkdir()
-    for name in ("checkpoint.pt", "train_log.jsonl"):
-        (dest / name).write_bytes((run / name).read_bytes())
+    shutil.copytree(run / CHECKPOINTS, dest / CHECKPOINTS)
+    (dest / "train_log.jsonl").write_bytes((run / "train_log.jsonl").read_bytes())
     return dest
 
 
@@ -40,7 +40,9 @@ def test_cli_resume_without_checkpoint(tiny_model_dir, reviews_csv, tmp_path, ca
     argv = train_argv(tiny_model_dir, reviews_csv, out, "--budget", "5%", "--resume")
     code, err = cli(argv, capsys)
     assert code == EXIT_USAGE
-    assert_clear(err, rf"no checkpoint at {re.escape(str(out))}", r"run without --resume")
+    assert_clear(
+        err, rf"no checkpoint at {re.escape(str(out / CHECKPOINTS))}", r"run without --resume"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,40 +54,36 @@ def checkpointed_run(tiny_model_dir, reviews_csv, tmp_path_factory) -> Path:
     return out
 
 
-def no_rng(path: Path) -> None:
-    state = torch.load(path, weights_only=True)
-    del state["torch_rng"]
-    torch.save(state, path)
-
-
 @pytest.mark.parametrize(
     ("damage", "what"),
     [
-        (lambda p: p.write_bytes(random.Random(0).randbytes(5000)), r"cannot be read"),
-        (lambda p: p.write_bytes(b""), r"cannot be read"),
-        (no_rng, r"lacks \['torch_rng'\]"),
+        (lambda c: (c / "optimizer.pt").write_bytes(random.Random(0).randbytes(5000)),
+         r"has a optimizer\.pt that cannot be read"),
+        (lambda c: (c / "rng_state.pth").write_bytes(b""), r"has a rng_state\.pth that cannot"),
+        (lambda c: (c / "rng_state.pth").unlink(), r"lacks \['rng_state\.pth'\]"),
+        (lambda c: (c / "trainer_state.json").write_text('{"global_step": '),
+         r"has a trainer_state\.json that cannot be read"),
+        (lambda c: shutil.rmtree(c / "unmask_delta"), r"lacks \['unmask_delta/'\]"),
     ],
-    ids=["random-bytes", "empty", "no-torch_rng"],
-)
+    ids=["random-bytes", "empty", "no-rng-state", "torn-trainer-state", "no-delta"],
+)  # fmt: skip
 def test_resume_from_a_damaged_checkpoint_exits_2(
     checkpointed_run, tiny_model_dir, reviews_csv, tmp_path, capsys, damage, what
 ):
-    out = tmp_path / "run"
-    out.mkdir()
-    for name in (CHECKPOINT_FILE, "train_log.jsonl"):
-        (out / name).write_bytes((checkpointed_run / name).read_bytes())
-    damage(out / CHECKPOINT_FILE)
+    out = copy_run(checkpointed_run, tmp_path / "run")
+    damage(last_checkpoint(out))
     flags = ["--budget", "5%", "--steps", "2", "--resume"]
     code = main(train_argv(tiny_model_dir, reviews_csv, out, *flags))
     err = capsys.readouterr().err
     assert code == EXIT_USAGE, err
-    assert re.search(rf"--resume: checkpoint .*checkpoint\.pt {what}", err), err
+    assert re.search(rf"--resume: checkpoint .*checkpoint-2 {what}", err), err
     assert re.search(r"delete it and run without --resume", err), err
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
-    """A 4-step run with a checkpoint after step 2, its task file, and its flags."""
+    """A 4-step run checkpointed every 2 steps (the last checkpoint is kept: checkpoint-4), its
+    task file, and its flags."""
     root = tmp_path_factory.mktemp("resume")
     task = write_reviews(root / "reviews.csv")
     flags = ["--steps", "4", "--budget", "5%", "--seed", "0", "--lr", "1e-3"]
@@ -152,10 +150,22 @@ def test_resume_with_the_same_settings_still_works(run_dir, tiny_model_dir, tmp_
     run, task, flags = run_dir
     out = copy_run(run, tmp_path / "run")
     # The same budget written as its count of weights is the same run.
-    count = torch.load(out / "checkpoint.pt", weights_only=True)["run"]["budget_weights"]
+    count = json.loads((last_checkpoint(out) / RUN_FILE).read_text())["budget_weights"]
     flags = with_flag(flags, "--budget", str(count))
     assert main(train_argv(tiny_model_dir, task, out, *flags, "--resume")) == EXIT_OK
     assert (out / "delta").is_dir()
+
+
+def test_resume_skips_a_checkpoint_cut_short(run_dir, tiny_model_dir, tmp_path):
+    run, task, flags = run_dir
+    out = copy_run(run, tmp_path / "run")
+    # A later save killed before the Trainer wrote trainer_state.json (its last file).
+    partial = out / CHECKPOINTS / "checkpoint-6"
+    shutil.copytree(last_checkpoint(out), partial)
+    (partial / "trainer_state.json").unlink()
+    assert last_checkpoint(out).name == "checkpoint-4"
+    assert main(train_argv(tiny_model_dir, task, out, *flags, "--resume")) == EXIT_OK
+    assert [r["step"] for r in read_train_log(out / "train_log.jsonl")[0]] == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------- the step log

@@ -15,7 +15,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from unmask import METHODS
 from unmask.module_types import layer_index, module_type
 from unmask.store.delta import DeltaError, SparseDelta
 from unmask.store.files import atomic_write
@@ -26,8 +25,10 @@ DESCRIPTION = """\
 Selective fine-tuning with ID3: train only a budget of individual weights of a pretrained model
 and save them as a small sparse delta.
 
-  unmask train                      fine-tune MiniLM on sentence polarity with ID3 (0.1% budget)
-  unmask train --task data.csv --model PATH_OR_HUB_NAME --method pafi --budget 50K
+  unmask train                      the default job: MiniLM, sentence polarity, random mask, 0.1%
+  unmask train --task data.csv --model PATH_OR_HUB_NAME --method id3 --budget 50K \
+      --device cuda --bf16 --lr-scheduler-type cosine --warmup-ratio 0.1 --eval-steps 50
+  unmask train --method lora --lora-r 8 --lr 1e-3        plain LoRA, for comparison
   unmask eval --delta runs/default/delta --task polarity
   unmask merge --delta runs/default/delta --output merged/
   unmask export --delta runs/default/delta --format peft --output adapter/
@@ -75,7 +76,7 @@ def _given_options(argv: list[str] | None) -> set[str]:
 
 
 def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    from unmask.app.train_config import TrainConfig
+    from unmask.app.train_config import CHOICES, TrainConfig
 
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -86,15 +87,15 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune a model and save its sparse delta",
-        description="Fine-tune a model with a selective method. With no "
-        "options: the default job (MiniLM, sentence polarity, ID3, 0.1%%).",
+        description="Fine-tune a model with a selective method on the Hugging Face Trainer. "
+        "With no options: the default job (MiniLM, sentence polarity, random mask, 0.1%%).",
     )
     _model_task_args(train, defaults)
     train.add_argument(
         "--method",
         default=defaults.method,
-        choices=list(METHODS),
-        help="selection method (default: %(default)s)",
+        choices=CHOICES["method"],
+        help="selection method, or 'lora' for plain peft LoRA (default: %(default)s)",
     )
     train.add_argument(
         "--budget",
@@ -134,8 +135,14 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     train.add_argument(
         "--score-exp", type=float, default=defaults.score_exp, help="exponent of the D3 score"
     )
-    train.add_argument("--adam-step", default=defaults.adam_step, choices=["per-weight", "global"])
-    train.add_argument("--schedule", default=defaults.schedule, choices=["uniform", "linear-decay"])
+    train.add_argument("--adam-step", default=defaults.adam_step, choices=CHOICES["adam_step"])
+    train.add_argument(
+        "--schedule",
+        default=defaults.schedule,
+        choices=CHOICES["schedule"],
+        help="how a growing mask (id3, increment-pafi, ...) spends its budget over the steps",
+    )
+    _trainer_args(train, defaults, CHOICES)
     train.add_argument(
         "--output", default=defaults.output, help="folder for delta/, train_log.jsonl, report.json"
     )
@@ -143,7 +150,7 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=None,
-        help="TOML file with any of these options (flags override it)",
+        help="TOML or YAML file with any of these options, named with _ or - (flags override it)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
@@ -155,7 +162,8 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUTPUT/checkpoint.pt (same options as the first run)",
+        help="continue from the last checkpoint in OUTPUT/checkpoints (same options as the "
+        "first run)",
     )
     train.set_defaults(handler=_train)
     if suppress_defaults:
@@ -163,7 +171,7 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             action.default = argparse.SUPPRESS
 
     ev = sub.add_parser("eval", help="evaluate a base model plus a delta on a task")
-    _model_task_args(ev, defaults)
+    _model_task_args(ev, defaults, recorded_model=True)
     ev.add_argument("--delta", required=True, help="delta folder (from unmask train)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=defaults.seed)
@@ -205,11 +213,90 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _model_task_args(parser: argparse.ArgumentParser, defaults) -> None:
+def _trainer_args(train: argparse.ArgumentParser, defaults, choices) -> None:
+    """The Trainer's options (TrainingArguments' names) and the candidate patterns."""
+    train.add_argument(
+        "--device",
+        default=defaults.device,
+        choices=choices["device"],
+        help="where to train (default: %(default)s: the accelerator when there is one)",
+    )
+    train.add_argument(
+        "--bf16", action="store_true", default=defaults.bf16, help="bf16 mixed precision"
+    )
+    train.add_argument(
+        "--lr-scheduler-type",
+        default=defaults.lr_scheduler_type,
+        choices=choices["lr_scheduler_type"],
+        help="learning-rate schedule (default: %(default)s)",
+    )
+    train.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=defaults.warmup_ratio,
+        help="share of the steps with a linear warm-up (default: %(default)s)",
+    )
+    train.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=defaults.gradient_accumulation_steps,
+        help="batches per optimizer step (default: %(default)s)",
+    )
+    train.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=defaults.max_grad_norm,
+        help="clip the gradient norm to this (default: %(default)s: no clipping)",
+    )
+    train.add_argument(
+        "--eval-steps",
+        type=int,
+        default=defaults.eval_steps,
+        help="evaluate on the validation split every N steps; keeps OUTPUT/best_delta",
+    )
+    train.add_argument(
+        "--report-to",
+        default=defaults.report_to,
+        choices=choices["report_to"],
+        help="a logger for the Trainer's logs (default: %(default)s)",
+    )
+    train.add_argument(
+        "--low-memory",
+        action="store_true",
+        default=defaults.low_memory,
+        help="rank gradients tensor by tensor during backward (see docs/design.md)",
+    )
+    for name, what in (
+        ("include", "only parameters matching one of these regexes are candidates"),
+        ("exclude", "parameters matching one of these regexes are not trained"),
+        ("dense", "parameters matching these regexes are trained whole (the new head always is)"),
+    ):
+        train.add_argument(f"--{name}", nargs="+", default=None, metavar="REGEX", help=what)
+    train.add_argument(
+        "--dense-in-budget",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.dense_in_budget,
+        help="dense weights count against the budget (default: %(default)s)",
+    )
+    train.add_argument(
+        "--lora-r",
+        type=int,
+        default=defaults.lora_r,
+        help="LoRA rank: with --method lora, plain LoRA; with a selective method, ID3+LoRA "
+        "(the candidates are the LoRA weights)",
+    )
+
+
+def _model_task_args(
+    parser: argparse.ArgumentParser, defaults, recorded_model: bool = False
+) -> None:
+    """--model, --task and the column and size options; with `recorded_model` (eval) --model
+    defaults to the base model recorded in the delta, else to TrainConfig's."""
     parser.add_argument(
         "--model",
-        default=defaults.model,
-        help="'minilm', 'smollm2', a local folder or a hub name (default: %(default)s)",
+        default=None if recorded_model else defaults.model,
+        help="'minilm', 'smollm2', a local folder or a hub name (default: "
+        + ("the base model recorded in the delta)" if recorded_model else "%(default)s)"),
     )
     parser.add_argument(
         "--task",
@@ -230,7 +317,7 @@ def _model_task_args(parser: argparse.ArgumentParser, defaults) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from unmask.app.train import run
-    from unmask.app.train_config import TrainConfig
+    from unmask.app.train_config import TrainConfig, check_config, check_given_options
 
     names = {f.name for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
@@ -242,9 +329,13 @@ def _train(args: argparse.Namespace) -> int:
     values.update(
         {k: v for k, v in vars(args).items() if k in names and (given is None or k in given)}
     )
+    explicit = set(values)
     if args.no_progress or "progress" not in values:
         values["progress"] = not args.no_progress
-    report = run(TrainConfig(**values))
+    config = TrainConfig(**values)
+    check_config(config)  # a value of the wrong type is named before the method is looked at
+    check_given_options(config.method, explicit)
+    report = run(config)
     metric = "accuracy" if "accuracy" in report else "exact_match"
     print(
         f"{metric} on {report['task']['eval_split']} ({report['task']['eval']} examples): "
@@ -295,7 +386,11 @@ def _eval(args: argparse.Namespace) -> int:
             f"this task's label values {task.label_names} differ from the labels it was trained "
             f"on {trained}; evaluate on data with the same labels"
         )
-    model, tokenizer = load_model(args.model, task)
+    base = args.model or delta.metadata.get("base_model")
+    if not base:
+        raise ValueError("the delta does not record its base model; pass --model")
+    model, tokenizer = load_model(base, task)
+    model = _with_recorded_adapter(model, delta)
     delta.apply_(model)
     split = task.test if args.eval_split == "test" else task.validation
     score = evaluate(model, tokenizer, task, split, args.batch_size, args.max_length)
@@ -312,10 +407,21 @@ def _eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _merge(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def _with_recorded_adapter(model, delta: SparseDelta):
+    """`model` with the LoRA adapter an ID3+LoRA delta was trained on (rebuilt from the rank
+    and seed it records), or `model` itself for a delta of the plain model."""
+    lora = delta.metadata.get("lora")
+    if not lora:
+        return model
+    from unmask.app.models import add_lora
 
-    from unmask.app.models import resolve_model
+    return add_lora(model, lora["task_kind"], int(lora["r"]), int(lora["seed"]))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unmask.app.models import load_classifier, resolve_model
 
     delta = SparseDelta.from_pretrained(args.delta)
     name = args.model or delta.metadata.get("base_model")
@@ -331,10 +437,13 @@ def _merge(args: argparse.Namespace) -> int:
     labels = None if args.num_labels else delta.labels()  # checked before a model is built
     num_labels = args.num_labels or (len(labels) if labels else None)
     if num_labels:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = load_classifier(path, num_labels, labels)
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
+    model = _with_recorded_adapter(model, delta)
     delta.apply_(model)
+    if delta.metadata.get("lora"):
+        model = model.merge_and_unload()
     model.save_pretrained(output)
     AutoTokenizer.from_pretrained(path).save_pretrained(output)
     _check_saved_model(output)
@@ -445,6 +554,7 @@ def _plot(path: Path, by_layer: dict, by_type: dict, log: Path | None) -> None:
         from unmask.app.train import read_train_log
 
         rows, _ = read_train_log(log)
+        rows = [r for r in rows if "num_selected" in r]  # evaluation records have none
         axes[2].plot([r["step"] for r in rows], [r["num_selected"] for r in rows], label="selected")
         axes[2].plot(
             [r["step"] for r in rows], [r["scheduled"] for r in rows], "--", label="schedule"

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from unmask.app.tasks import Task, load_task
+from unmask.choose.methods import METHODS
+
+# `--method lora`: plain peft LoRA (AdamW on the adapter weights), for comparison.
+LORA = "lora"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -40,6 +49,25 @@ class TrainConfig:
     progress: bool = True
     save_every: int = 0
     resume: bool = False
+    # The Trainer's options (TrainingArguments' names). The defaults are what the default job
+    # was validated with: a constant learning rate, no warm-up, no clipping, fp32.
+    device: str = "auto"
+    bf16: bool = False
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 0.0
+    eval_steps: int | None = None
+    report_to: str = "none"
+    # Which weights compete (SelectiveOptimizer's options); regex patterns on parameter names.
+    low_memory: bool = False
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    dense: list[str] | None = None
+    dense_in_budget: bool = True
+    # LoRA rank: with a selective method the candidates are the LoRA weights (ID3+LoRA);
+    # with method "lora", plain LoRA. None: no adapter.
+    lora_r: int | None = None
 
 
 MAX_STEPS = 2**31 - 1
@@ -68,10 +96,111 @@ def check_config(config: TrainConfig) -> None:
         )
     if not SEED_RANGE[0] <= config.seed <= SEED_RANGE[1]:
         raise ValueError(f"--seed must be an integer from -2**63 to 2**64 - 1, got {config.seed}")
+    _check_choices(config)
+    if config.gradient_accumulation_steps < 1:
+        raise ValueError(
+            "--gradient-accumulation-steps must be a positive integer (batches per optimizer "
+            f"step), got {config.gradient_accumulation_steps}"
+        )
+    if not (math.isfinite(config.warmup_ratio) and 0 <= config.warmup_ratio < 1):
+        raise ValueError(
+            f"--warmup-ratio must be a number from 0 to below 1 (a share of the steps), got "
+            f"{config.warmup_ratio!r}"
+        )
+    if not (math.isfinite(config.max_grad_norm) and config.max_grad_norm >= 0):
+        raise ValueError(
+            f"--max-grad-norm must be a finite number >= 0 (0: no clipping), got "
+            f"{config.max_grad_norm!r}"
+        )
+    for flag, value in (("--eval-steps", config.eval_steps), ("--lora-r", config.lora_r)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if config.method == LORA and config.lora_r is None:
+        raise ValueError("--method lora needs --lora-r R (the adapter's rank), e.g. --lora-r 8")
+    for name in ("include", "exclude", "dense"):
+        for pattern in getattr(config, name) or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"--{name} {pattern!r} is not a valid regular expression ({err}); patterns "
+                    "are Python regexes searched in parameter names, e.g. 'classifier' or "
+                    r"'layer\.1\.'"
+                ) from None
     if config.save_every < 0:
         raise ValueError(
             f"--save-every must be an integer >= 0 (steps between checkpoints; 0: only on "
             f"SIGINT/SIGTERM), got {config.save_every}"
+        )
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": (*METHODS, LORA),
+    "device": DEVICES,
+    "lr_scheduler_type": LR_SCHEDULERS,
+    "report_to": REPORT_TO,
+    "eval_split": ("test", "validation"),
+    "adam_step": ("per-weight", "global"),
+    "schedule": ("uniform", "linear-decay"),
+}
+
+
+def _check_choices(config: TrainConfig) -> None:
+    """Options with a fixed set of values (a config file can hold any string)."""
+    for name, allowed in CHOICES.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ValueError(
+                f"option {name} (--{name.replace('_', '-')}) must be one of "
+                f"{', '.join(allowed)}, got {value!r}"
+            )
+
+
+def unused_options(method: str, given: set[str]) -> list[str]:
+    """The options among `given` (set explicitly, by a flag or a config file) that `method`
+    does not use, read from its capability fields; each with the reason."""
+    if method == LORA:
+        unused = {
+            "budget": "plain LoRA trains every adapter weight",
+            "schedule": "plain LoRA has no mask",
+            "score_eps": "plain LoRA ranks no weights",
+            "score_exp": "plain LoRA ranks no weights",
+            "adam_step": "plain LoRA steps torch's AdamW",
+            "low_memory": "plain LoRA has no mask",
+            "include": "plain LoRA has no candidates",
+            "exclude": "plain LoRA has no candidates",
+            "dense": "plain LoRA has no candidates",
+            "dense_in_budget": "plain LoRA has no budget",
+        }
+        return [f"--{k.replace('_', '-')} ({why})" for k, why in unused.items() if k in given]
+    cls = METHODS[method]
+    fields_of_method = {f.name for f in dataclasses.fields(cls)}
+    unused = {
+        "budget": not cls.takes_budget,
+        "schedule": not cls.grows_mask,
+        "score_eps": "score_eps" not in fields_of_method,
+        "score_exp": "score_exp" not in fields_of_method,
+        "low_memory": not cls.supports_low_memory,
+    }
+    why = {
+        "budget": "it trains a fixed set of weights",
+        "schedule": "its mask does not grow step by step",
+        "score_eps": "it has no D3 score",
+        "score_exp": "it has no D3 score",
+        "low_memory": "it needs every weight's gradient at once",
+    }
+    return [
+        f"--{k.replace('_', '-')} ({why[k]})" for k, skip in unused.items() if skip and k in given
+    ]
+
+
+def check_given_options(method: str, given: set[str]) -> None:
+    """Refuse options set explicitly that `method` would silently ignore."""
+    unused = unused_options(method, given)
+    if unused:
+        raise ValueError(
+            f"method {method!r} does not use {'; '.join(unused)}: remove them, or choose a "
+            "method that uses them"
         )
 
 
@@ -87,6 +216,8 @@ def _check_types(config: TrainConfig) -> None:
             else type(value) is kind or (kind is float and type(value) is int)
             for kind in kinds
         )
+        if ok and kinds == (list, None) and value is not None:
+            ok = all(type(item) is str for item in value)
         if not ok:
             allowed = " or ".join(_TYPE_WORDS[kind] for kind in kinds)
             flag = "--" + f.name.replace("_", "-")
@@ -101,7 +232,13 @@ def _check_types(config: TrainConfig) -> None:
             )
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_TYPE_WORDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list of strings",
+}
 _TYPE_WORDS[None] = "unset"
 _ALLOWED_TYPES: dict[str, tuple] = {
     f.name: {
@@ -111,6 +248,7 @@ _ALLOWED_TYPES: dict[str, tuple] = {
         "bool": (bool,),
         "int | None": (int, None),
         "str | None": (str, int, float, None),  # budget: "0.1%", 50000 or 0.001
+        "list[str] | None": (list, None),
     }[f.type]
     for f in fields(TrainConfig)
 }
