@@ -11,6 +11,7 @@ It composes the parts, each in its own module:
     slots           the selected weights' flat buffers: index, base value, delta
     repeat          repeat-S's active slots (the id3-repeat ablation only)
     gradient_tap    low-memory mode: gradients consumed in backward hooks
+    sparse_backward once the mask is final: only the selected weights' gradients are computed
     gradients       the non-finite guard and clipping
     calibration     FISH's Fisher sums over calibration batches
     sharding        FSDP2: the same selection on every rank, slots per rank
@@ -47,10 +48,11 @@ from unmask.optimize.configuration import (
     check_method_options,
     check_same_device,
     check_same_parameters,
+    check_sparse_backward,
     detect_shards,
     sparse_budget,
 )
-from unmask.optimize.gradients import clip_grad_norm_, warn_or_stop
+from unmask.optimize.gradients import clip_grad_norm_, scale_to_norm, warn_or_stop
 from unmask.optimize.inner_optimizer import (
     WrappedState,
     check_finite_options,
@@ -60,6 +62,7 @@ from unmask.optimize.inner_optimizer import (
 from unmask.optimize.selector import Selector
 from unmask.optimize.sharding import full as _full
 from unmask.optimize.sharding import local as _local
+from unmask.optimize.sparse_backward import SparseBackward
 from unmask.store.delta import SparseDelta
 
 
@@ -97,6 +100,15 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             with the standard mode's selection and values. The candidates' `.grad` is then None
             after backward: clip with this optimizer's `clip_grad_norm_`. The hooks stay on the
             model until `close()`. Needs a method with `supports_low_memory`.
+        sparse_backward: once the mask is final (static methods from the first step, increment
+            methods after their last unmask), compute only the selected weights' gradients in
+            backward (see `unmask.optimize.sparse_backward`): the candidates of `nn.Linear` and
+            `nn.Embedding` modules stop requiring a gradient and their selected entries'
+            gradients go straight into the slots; other candidates keep the dense path. The
+            selection and the trained weights are the dense path's (up to float rounding).
+            Clipping then uses the norm of the selected weights' and dense parameters'
+            gradients (the only ones computed). Not for methods that reselect every step or
+            train densely, nor under torch.distributed. `close()` gives the model back.
         **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
@@ -136,6 +148,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         max_nonfinite_steps: int = 10,
         freeze_unselected: bool | None = None,
         low_memory: bool = False,
+        sparse_backward: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
 
@@ -146,13 +159,16 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if adam_step not in ("per-weight", "global"):
             raise ValueError(f"adam_step must be 'per-weight' or 'global', got {adam_step!r}")
         check_method_options(self.method, total_steps, low_memory)
+        check_sparse_backward(self.method, sparse_backward)
         self.total_steps = None if total_steps is None else check_total_steps(total_steps)
         self.method.attach(model)
         cands = find_candidates(model, self.method, include, exclude, dense)
         self.method.bind(model, [p for _, p in cands.sparse])
         self._names = [n for n, _ in cands.sparse]
         self._params = [p for _, p in cands.sparse]
-        self._shards = detect_shards(self.method, cands, freeze_unselected, low_memory)
+        self._shards = detect_shards(
+            self.method, cands, freeze_unselected, low_memory, sparse_backward
+        )
         self._dense_names = [n for n, _ in cands.dense]
         self._dense_params = [p for _, p in cands.dense]
         self._dense_numel = cands.dense_numel
@@ -196,7 +212,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         # weak reference.
         quota = weakref.WeakMethod(self._quota)
         self._tap = self._selector.tap(lambda: quota()()) if low_memory else None
+        self.sparse_backward = sparse_backward
+        self._backward: SparseBackward | None = None
         self._freeze_if_final()
+        self._sparse_if_final()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built: the parameters this optimizer trains are chosen at construction
@@ -263,6 +282,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self.steps_done += 1
         self._clear_pending()
         self.method.clear()
+        self._sparse_if_final()
         return loss
 
     def _check_same_parameters(self) -> None:
@@ -277,6 +297,43 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         method = self.method
         if method.chooses_once or (method.grows_mask and self._selector.num_chosen >= self.budget):
             self._selector.freeze_unheld()
+
+    def _mask_final(self) -> bool:
+        method = self.method
+        if not self.calibrated or method.reselects:
+            return False
+        return method.chooses_once or self._selector.num_chosen >= self.budget
+
+    def _sparse_if_final(self, reload: bool = False) -> None:
+        """Install the sparse backward once the mask is final (again, if `reload`ed)."""
+        if not self.sparse_backward or not self._mask_final():
+            return
+        if self._backward is not None and not reload:
+            return
+        self._remove_sparse()
+        self._backward = SparseBackward(self.model, self._params, self._slots)
+        # From now on the sparse tensors' gradients accumulate in delta.grad during backward,
+        # so gathering must not clear them; _clear_pending clears them once a step has used them.
+        self._slots.accumulating = True
+        self._slots.delta.grad.zero_()
+
+    def _remove_sparse(self) -> None:
+        if self._backward is not None:
+            self._backward.remove()
+            self._backward = None
+            self._slots.accumulating = False
+
+    @property
+    def sparse_entries_computed(self) -> int:
+        """Selected-weight gradients the sparse backward computed so far (one per selected weight
+        per backward pass; 0 while it is not installed)."""
+        return 0 if self._backward is None else self._backward.entries_computed
+
+    @property
+    def sparse_names(self) -> list[str]:
+        """Candidates whose selected gradients the sparse backward computes (the others keep
+        the dense path); empty while it is not installed."""
+        return [] if self._backward is None else [self._names[i] for i in self._backward.sparse]
 
     def _gradients_finite(self) -> bool:
         """Whether every gradient that would enter the weights or the optimizer state is finite.
@@ -329,11 +386,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """
         if self._tap is not None:
             self._tap.close()
+        self._remove_sparse()
         self.method.detach()
 
     def _clear_pending(self) -> None:
         if self._tap is not None:
             self._tap.clear()
+        elif self._backward is not None:
+            self._slots.delta.grad.zero_()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -347,10 +407,23 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         norm before clipping. Under FSDP, the norm of the full gradients (collective).
         """
         dense = [p.grad for p in self._dense_params if p.grad is not None]
+        if self._backward is not None:
+            return self._clip_selected(dense, max_norm)
         if self._tap is not None:  # the candidates' gradients are gone: the tap kept the rest
             return self._tap.clip_grad_norm_(dense, max_norm)
         grads = [p.grad for p in self._params if p.grad is not None] + dense
         return clip_grad_norm_(grads, max_norm, self._shards)
+
+    def _clip_selected(self, dense: list[Tensor], max_norm: float) -> Tensor:
+        """Sparse backward's clipping: the norm of the selected weights' gradients (gathered
+        into the slots first) and the dense parameters'. The dense-path candidates' `.grad` is
+        scaled too, so that step()'s gathering reads the clipped values."""
+        if self._tap is None:
+            self._slots.gather_grads()
+        dense_path = [p.grad for p in self._params if p.grad is not None]
+        norm = clip_grad_norm_([self._slots.delta.grad, *dense], max_norm, None)
+        scale_to_norm(dense_path, norm, max_norm)
+        return norm
 
     # ------------------------------------------------------------------ calibration (FISH)
 
@@ -376,6 +449,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._selector.choose_once(fisher)
         self.calibrated = True
         self._freeze_if_final()
+        self._sparse_if_final()
 
     # ------------------------------------------------------------------ inspection
 
@@ -459,6 +533,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if self.method.grows_mask and self._selector.num_chosen >= self.budget:
             self.method.detach()  # resumed with a final mask: no statistics to gather
         self._freeze_if_final()
+        self._sparse_if_final(reload=True)
 
 
 def _training_metadata(opt: SelectiveOptimizer) -> dict[str, Any]:

@@ -42,6 +42,9 @@ class SlotBuffers:
         sorted_index / sorted_slots: the used slots' indices in ascending order, and the slots.
         inner: the wrapped optimizer stepping `delta` (set once built): `assign` zeroes its
             per-slot state, `grow` carries it over.
+        accumulating: the sparse backward adds gradients into delta.grad during backward
+            (`unmask.optimize.sparse_backward`): gathering then leaves them, and the owner
+            clears delta.grad once a step has used it.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class SlotBuffers:
         self.base = torch.zeros_like(self.delta)
         self.index = torch.zeros(capacity, dtype=torch.long, device=device)
         self.inner: torch.optim.Optimizer | None = None
+        self.accumulating = False
         self.touched: Layout = []
         self.layout: Layout = []
         self._layout_of: dict[int, tuple[Tensor, Tensor]] = {}
@@ -134,8 +138,10 @@ class SlotBuffers:
 
     def gather_grads(self) -> None:
         """delta.grad = the training slots' gradients read from the parameters' `.grad`
-        (zero in other slots, and for tensors whose `.grad` is None)."""
-        self.delta.grad.zero_()
+        (zero in other slots, and for tensors whose `.grad` is None; while `accumulating`, the
+        slots of tensors whose `.grad` is None keep what the sparse backward added)."""
+        if not self.accumulating:
+            self.delta.grad.zero_()
         for i, _, _ in self.layout:
             grad = self.params[i].grad
             if grad is not None:

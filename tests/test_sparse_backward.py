@@ -1,0 +1,301 @@
+"""Sparse backward (`sparse_backward=True`): only the selected weights' gradients are computed.
+
+Checked against the dense path on tiny BERT and Llama (tied embeddings) models: the entry-wise
+kernels equal the dense gradient gathered at the selected entries; the slots' gradients after a
+backward equal the dense path's; a run selects the same weights and reaches the same parameters
+(static methods from the first step, increment methods switching at their last unmask); frozen
+weights stay bit-identical and the budget holds after every step; resume, gradient accumulation,
+clipping, low-memory mode and bf16 autocast; the model is given back unchanged; refusals.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+from conftest import MODELS, assert_clear, bits, make_batches, snapshot
+from method_matrix import method_kwargs, method_names, prepare
+
+from unmask import METHODS, SelectiveOptimizer
+from unmask.optimize import sparse_backward as sb
+
+STEPS = 6
+# Methods whose mask is final at some step: static ones from the first, increment ones after T.
+FINAL_MASK = [
+    n for n in method_names() if not METHODS[n].reselects and not METHODS[n].trains_dense
+]
+
+
+@pytest.fixture(autouse=True)
+def every_tensor_sparse(monkeypatch):
+    """Tiny models at a 2% budget lie above the crossover; test the sparse path on all."""
+    monkeypatch.setattr(sb, "MAX_DENSITY", 1.0)
+
+
+def _loss(model, batch):
+    return model(**batch).loss
+
+
+def _pair(kind: str, method: str, total_steps: int = 3, **kwargs):
+    """(dense model, its optimizer, sparse model, its optimizer), the same weights and options."""
+    base = MODELS[kind]()
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    args = {**method_kwargs(method, total_steps), "lr": 1e-2, **kwargs}
+    opts = [
+        SelectiveOptimizer(m, method=method, sparse_backward=s, **args)
+        for m, s in zip(models, (False, True), strict=True)
+    ]
+    return models[0], opts[0], models[1], opts[1]
+
+
+def _slot_grads(opt: SelectiveOptimizer) -> torch.Tensor:
+    """The gradients step() would use: delta.grad after gathering the dense-path ones."""
+    opt._slots.gather_grads()
+    return opt._slots.delta.grad[: opt._slots.n].clone()
+
+
+# ---------------------------------------------------------------- the entry-wise kernels
+
+
+def test_linear_entry_grads_equal_the_dense_gradient_gathered(monkeypatch):
+    monkeypatch.setattr(sb, "ROW_BLOCK", 5)  # several row blocks and entry chunks
+    monkeypatch.setattr(sb, "ENTRY_CHUNK", 7)
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(13, 23, generator=g), torch.randn(13, 17, generator=g)
+    flat = torch.randperm(23 * 17, generator=g)[:90].sort().values
+    rows, cols = flat // 17, flat % 17
+    got = sb.linear_entry_grads(dy, x, rows, cols, torch.float32)
+    torch.testing.assert_close(got, (dy.t() @ x).reshape(-1)[flat])
+    assert sb.linear_entry_grads(dy, x, rows[:0], cols[:0], torch.float32).numel() == 0
+
+
+def test_embedding_entry_grads_equal_the_dense_gradient_gathered():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(30, 6, requires_grad=True)
+    ids = torch.randint(0, 12, (40,), generator=g)  # rows 12.. never looked up
+    dout = torch.randn(40, 6, generator=g)
+    torch.nn.functional.embedding(ids, weight, padding_idx=3).backward(dout)
+    flat = torch.randperm(30 * 6, generator=g)[:70].sort().values
+    got = sb.embedding_entry_grads(dout, ids, flat // 6, flat % 6, 3, torch.float32)
+    torch.testing.assert_close(got, weight.grad.reshape(-1)[flat])
+    assert bool((got[(flat // 6) >= 12] == 0).all()) and got.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- one backward
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("method", ["random", "pafi"])
+def test_slot_gradients_equal_the_dense_path(kind, method):
+    dense_model, dense, sparse_model, sparse = _pair(kind, method)
+    assert sparse.selected().keys() == dense.selected().keys()
+    for name, index in dense.selected().items():
+        assert torch.equal(sparse.selected()[name], index)
+    batch = make_batches(kind, 1)[0]
+    _loss(dense_model, batch).backward()
+    _loss(sparse_model, batch).backward()
+    torch.testing.assert_close(_slot_grads(sparse), _slot_grads(dense), rtol=1e-5, atol=1e-7)
+    # Linear and Embedding tensors are computed sparsely, and no weight gradient is formed.
+    linear = {n for n, m in sparse_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = set(sparse.sparse_names)
+    assert any(n.endswith("embeddings.weight") or "embed_tokens" in n for n in names)
+    assert all(n.rsplit(".", 1)[0] in linear or "embed" in n for n in names)
+    params = dict(sparse_model.named_parameters())
+    assert all(params[n].grad is None and not params[n].requires_grad for n in names)
+    assert sparse.sparse_entries_computed > 0
+
+
+def test_tied_lm_head_gets_both_contributions():
+    """Llama's tied embedding: the lookup and the LM head both reach the same slots."""
+    dense_model, dense, sparse_model, sparse = _pair("llama", "random")
+    model = sparse_model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "forward" in vars(model.lm_head) and "forward" in vars(model.model.embed_tokens)
+    batch = make_batches("llama", 1)[0]
+    _loss(dense_model, batch).backward()
+    _loss(sparse_model, batch).backward()
+    name = "model.embed_tokens.weight"
+    index = dense.selected()[name]
+    want = dense_model.model.embed_tokens.weight.grad.reshape(-1)[index]
+    slots = sparse._slots
+    layout = {sparse._names[i]: s for i, s, _ in slots.layout}
+    torch.testing.assert_close(slots.delta.grad[layout[name]], want, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+def _train(model, opt, batches, check=None):
+    for batch in batches:
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        if check is not None:
+            check()
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("method", FINAL_MASK)
+def test_a_run_matches_the_dense_path(kind, method):
+    base = MODELS[kind]()
+    try:
+        dense_model, dense, sparse_model, sparse = _pair(kind, method)
+    except ValueError as err:  # the tiny Llama has no biases (bitfit)
+        assert "no parameter is a candidate" in str(err)
+        return
+    batches = make_batches(kind, STEPS)
+    prepare(dense, batches)
+    prepare(sparse, batches)
+    frozen = bits(base)
+
+    def invariants():
+        assert sparse.num_changed <= sparse.total_budget
+        changed = {n for n, idx in sparse.selected().items() if idx.numel()}
+        now = bits(sparse_model)
+        assert all(now[n] == frozen[n] for n in frozen if n not in changed)
+
+    _train(dense_model, dense, batches)
+    _train(sparse_model, sparse, batches, invariants)
+    assert sparse.sparse_names, "the sparse backward was never installed"
+    for name, index in dense.selected().items():
+        assert torch.equal(sparse.selected()[name], index)
+    want, got = snapshot(dense_model), snapshot(sparse_model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_increment_method_switches_at_its_last_unmask():
+    dense_model, dense, sparse_model, sparse = _pair("bert", "id3", total_steps=3)
+    batches = make_batches("bert", 5)
+    for step, batch in enumerate(batches):
+        _loss(sparse_model, batch).backward()
+        sparse.step()
+        sparse.zero_grad()
+        assert bool(sparse.sparse_names) == (step >= 2), step
+    assert sparse.num_selected == sparse.budget
+
+
+def test_gradient_accumulation_sums_micro_batches():
+    _, _, model, opt = _pair("bert", "random")
+    batch = make_batches("bert", 1, batch=4)[0]
+    halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
+    for half in halves:
+        (_loss(model, half) / 2).backward()
+    accumulated = _slot_grads(opt)
+    opt.zero_grad()
+    assert opt._slots.delta.grad.abs().sum() == 0
+    _loss(model, batch).backward()
+    torch.testing.assert_close(accumulated, _slot_grads(opt), rtol=1e-5, atol=1e-7)
+
+
+def test_resume_is_identical_to_the_uninterrupted_run():
+    base = MODELS["llama"]()
+    batches = make_batches("llama", 4)
+    args = {"method": "random", "budget": "2%", "lr": 1e-2, "sparse_backward": True}
+    model = copy.deepcopy(base)
+    opt = SelectiveOptimizer(model, **args)
+    _train(model, opt, batches)
+    resumed = copy.deepcopy(base)
+    first = SelectiveOptimizer(resumed, **args)
+    _train(resumed, first, batches[:2])
+    state = first.state_dict()
+    first.close()
+    second = SelectiveOptimizer(resumed, **args)
+    second.load_state_dict(state)
+    _train(resumed, second, batches[2:])
+    assert bits(resumed) == bits(model)
+
+
+def test_clipping_uses_the_selected_gradients():
+    dense_model, dense, model, opt = _pair("bert", "random")
+    batch = make_batches("bert", 1)[0]
+    _loss(model, batch).backward()
+    _loss(dense_model, batch).backward()
+    selected = _slot_grads(dense)
+    norm = opt.clip_grad_norm_(1e-3)
+    torch.testing.assert_close(norm.float(), selected.norm(), rtol=1e-5, atol=0)
+    clipped = _slot_grads(opt)  # gathering again reads the clipped dense-path gradients
+    torch.testing.assert_close(clipped, selected * (1e-3 / (float(norm) + 1e-6)))
+
+
+def test_low_memory_mode_gives_the_standard_result():
+    base = MODELS["bert"]()
+    batches = make_batches("bert", 4)
+    results = []
+    for low in (False, True):
+        model = copy.deepcopy(base)
+        opt = SelectiveOptimizer(
+            model, "id3", budget="2%", total_steps=2, lr=1e-2, sparse_backward=True,
+            low_memory=low,
+        )  # fmt: skip
+        for batch in batches:
+            _loss(model, batch).backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+        assert opt.sparse_names
+        results.append(snapshot(model))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_bf16_autocast_matches_the_dense_path(kind):
+    dense_model, dense, sparse_model, sparse = _pair(kind, "random")
+    batch = make_batches(kind, 1)[0]
+    for model in (dense_model, sparse_model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model, batch)
+        loss.backward()
+    got, want = _slot_grads(sparse), _slot_grads(dense)
+    # The dense path rounds dW to bf16; the sparse one sums in float32.
+    assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+# ---------------------------------------------------------------- the model given back
+
+
+def test_close_and_garbage_collection_give_the_model_back():
+    base = MODELS["llama"]()
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    keys = list(base.state_dict())
+    for drop in ("close", "gc"):
+        model = copy.deepcopy(base)
+        opt = SelectiveOptimizer(model, "random", budget="2%", sparse_backward=True)
+        assert any("forward" in vars(m) for m in model.modules())
+        if drop == "close":
+            opt.close()
+        else:
+            del opt
+            gc.collect()
+        assert not any("forward" in vars(m) for m in model.modules())
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert list(model.state_dict()) == keys
+        batch = make_batches("llama", 1)[0]
+        _loss(model, batch).backward()  # dense gradients again
+        assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_off_by_default_changes_nothing():
+    model = MODELS["bert"]()
+    opt = SelectiveOptimizer(model, "random", budget="2%")
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert opt.sparse_names == [] and opt.sparse_entries_computed == 0
+
+
+def test_crossover_keeps_dense_tensors_dense(monkeypatch):
+    monkeypatch.setattr(sb, "MAX_DENSITY", 0.0)
+    _, _, model, opt = _pair("bert", "random")
+    assert opt.sparse_names == []
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", [n for n in method_names() if n not in FINAL_MASK])
+def test_refused_where_every_gradient_is_needed(method):
+    with pytest.raises(ValueError) as err:
+        SelectiveOptimizer(
+            MODELS["bert"](), method=method, sparse_backward=True, **method_kwargs(method, 3)
+        )
+    assert_clear(str(err.value), "sparse_backward=True is not available", "sparse_backward=False")
