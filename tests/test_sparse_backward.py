@@ -23,9 +23,7 @@ from unmask.optimize import sparse_backward as sb
 
 STEPS = 6
 # Methods whose mask is final at some step: static ones from the first, increment ones after T.
-FINAL_MASK = [
-    n for n in method_names() if not METHODS[n].reselects and not METHODS[n].trains_dense
-]
+FINAL_MASK = [n for n in method_names() if not METHODS[n].reselects and not METHODS[n].trains_dense]
 
 
 @pytest.fixture(autouse=True)
