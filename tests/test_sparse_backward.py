@@ -297,3 +297,73 @@ def test_refused_where_every_gradient_is_needed(method):
             MODELS["bert"](), method=method, sparse_backward=True, **method_kwargs(method, 3)
         )
     assert_clear(str(err.value), "sparse_backward=True is not available", "sparse_backward=False")
+
+
+# ---------------------------------------------------------------- unmask_every
+
+
+@pytest.mark.parametrize("method", [n for n in FINAL_MASK if METHODS[n].grows_mask])
+def test_unmask_every_k_keeps_the_schedule_and_matches_the_dense_path(method):
+    k, total = 3, 8
+    dense_model, dense, model, opt = _pair(
+        "bert", method, total_steps=total, unmask_every=k, budget=300
+    )
+    batches = make_batches("bert", total + 1)
+    base = snapshot(dense_model)
+    chosen = []
+    for step, batch in enumerate(batches):
+        for m, o in ((dense_model, dense), (model, opt)):
+            _loss(m, batch).backward()
+            o.step()
+            o.zero_grad()
+        n = opt.num_changed
+        chosen.append(n)
+        bound = opt.schedule.cumulative(min(step + k - 1, total - 1), opt.budget, total)
+        assert n <= bound, (step, n, bound)
+        if step % k:
+            assert n == chosen[step - 1], "weights were unmasked between every k-th step"
+        # The coming step runs the sparse backward unless it ranks every weight.
+        upcoming_ranks = (step + 1) % k == 0 and n < opt.budget
+        assert bool(opt.sparse_names) != upcoming_ranks, step
+        for name, p in model.named_parameters():
+            held = opt.selected().get(name)
+            untouched = torch.ones(p.numel(), dtype=torch.bool)
+            if held is not None:
+                untouched[held] = False
+            assert torch.equal(p.detach().reshape(-1)[untouched], base[name].reshape(-1)[untouched])
+    assert opt.num_changed == opt.budget
+    for name, index in dense.selected().items():
+        assert torch.equal(opt.selected()[name], index)
+    want, got = snapshot(dense_model), snapshot(model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_unmask_every_one_is_the_paper_schedule():
+    """k = 1 unmasks exactly what the default does, at every step."""
+    runs = []
+    for extra in ({}, {"unmask_every": 1}):
+        model = MODELS["bert"]()
+        opt = SelectiveOptimizer(model, "id3", budget=200, total_steps=4, lr=1e-2, **extra)
+        counts = []
+        for batch in make_batches("bert", 4):
+            _loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+            counts.append(opt.num_changed)
+        runs.append((counts, opt.selected()))
+    assert runs[0][0] == runs[1][0] == [50, 100, 150, 200]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_unmask_every_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError) as err:
+        SelectiveOptimizer(MODELS["bert"](), "id3", budget=100, total_steps=4, unmask_every=bad)
+    assert_clear(str(err.value), "unmask_every must be an int >= 1", "got")
+
+
+def test_unmask_every_is_refused_for_a_static_mask():
+    with pytest.raises(ValueError) as err:
+        SelectiveOptimizer(MODELS["bert"](), "random", budget=100, unmask_every=2)
+    assert_clear(str(err.value), "does not", "leave unmask_every=1")

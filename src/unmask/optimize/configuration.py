@@ -90,6 +90,18 @@ def check_sparse_backward(method: Method, sparse_backward: bool) -> None:
         )
 
 
+def check_unmask_every(method: Method, unmask_every: int) -> None:
+    """ValueError unless `unmask_every` is a positive int, and 1 for methods that do not grow
+    their mask step by step."""
+    if isinstance(unmask_every, bool) or not isinstance(unmask_every, int) or unmask_every < 1:
+        raise ValueError(f"unmask_every must be an int >= 1, got {unmask_every!r}")
+    if unmask_every > 1 and not method.grows_mask:
+        raise ValueError(
+            f"unmask_every={unmask_every} applies to methods that unmask weights step by step "
+            f"(e.g. 'id3'); method {method.name!r} does not: leave unmask_every=1"
+        )
+
+
 def _refuse_under_fsdp(
     method: Method, freeze_unselected: bool | None, low_memory: bool, sparse_backward: bool
 ) -> None:

@@ -49,6 +49,7 @@ from unmask.optimize.configuration import (
     check_same_device,
     check_same_parameters,
     check_sparse_backward,
+    check_unmask_every,
     detect_shards,
     sparse_budget,
 )
@@ -109,6 +110,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             Clipping then uses the norm of the selected weights' and dense parameters'
             gradients (the only ones computed). Not for methods that reselect every step or
             train densely, nor under torch.distributed. `close()` gives the model back.
+        unmask_every: k, for increment methods. 1 (the paper): weights are unmasked every step.
+            k > 1: on steps 0, k, 2k, ... the weights the schedule unmasks over that step and
+            the k - 1 after it are unmasked at once (|Λ| after step s never exceeds the
+            schedule's count after step min(s + k - 1, T - 1)), and the steps in between
+            rank nothing; with `sparse_backward`, those steps run the sparse backward on the
+            mask so far, and only every k-th step computes every weight's gradient.
         **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
@@ -149,6 +156,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         freeze_unselected: bool | None = None,
         low_memory: bool = False,
         sparse_backward: bool = False,
+        unmask_every: int = 1,
         **optimizer_kwargs: Any,
     ) -> None:
 
@@ -160,6 +168,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             raise ValueError(f"adam_step must be 'per-weight' or 'global', got {adam_step!r}")
         check_method_options(self.method, total_steps, low_memory)
         check_sparse_backward(self.method, sparse_backward)
+        check_unmask_every(self.method, unmask_every)
+        self.unmask_every = unmask_every
         self.total_steps = None if total_steps is None else check_total_steps(total_steps)
         self.method.attach(model)
         cands = find_candidates(model, self.method, include, exclude, dense)
@@ -298,17 +308,24 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if method.chooses_once or (method.grows_mask and self._selector.num_chosen >= self.budget):
             self._selector.freeze_unheld()
 
-    def _mask_final(self) -> bool:
+    def _sparse_next_step(self) -> bool:
+        """Whether the coming step can run the sparse backward: its mask is already known
+        (final, or `unmask_every` > 1 and the step unmasks nothing)."""
         method = self.method
-        if not self.calibrated or method.reselects:
+        if not self.sparse_backward or not self.calibrated or method.reselects:
             return False
-        return method.chooses_once or self._selector.num_chosen >= self.budget
+        if method.chooses_once or self._selector.num_chosen >= self.budget:
+            return True
+        return self.steps_done % self.unmask_every != 0
 
     def _sparse_if_final(self, reload: bool = False) -> None:
-        """Install the sparse backward once the mask is final (again, if `reload`ed)."""
-        if not self.sparse_backward or not self._mask_final():
+        """Install the sparse backward for the coming step if it can run it (again, if the mask
+        grew or was `reload`ed); remove it before a step that ranks every weight."""
+        if not self._sparse_next_step():
+            self._remove_sparse()
             return
-        if self._backward is not None and not reload:
+        current = self._backward
+        if current is not None and current.num_slots == self._slots.n and not reload:
             return
         self._remove_sparse()
         self._backward = SparseBackward(self.model, self._params, self._slots)
@@ -373,8 +390,15 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 p.grad.detach_().zero_()
 
     def _quota(self) -> int:
-        """How many weights the coming step unmasks (0 before calibration)."""
-        return self._selector.quota(self.steps_done) if self.calibrated else 0
+        """How many weights the coming step unmasks (0 before calibration; with
+        `unmask_every` = k, the count of steps s ... s + k - 1 on every k-th step s, else 0)."""
+        if not self.calibrated:
+            return 0
+        k, s = self.unmask_every, self.steps_done
+        if s % k:
+            return 0
+        ahead = s + k - 1 if self.total_steps is None else min(s + k - 1, self.total_steps - 1)
+        return self._selector.quota(ahead)
 
     # ------------------------------------------------------------------ low-memory mode
 

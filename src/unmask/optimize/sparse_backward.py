@@ -275,6 +275,7 @@ class SparseBackward:
     ) -> None:
         max_density = MAX_DENSITY if max_density is None else max_density
         self.slots = slots
+        self.num_slots = slots.n  # the mask this was built for (it only grows)
         self.entries_computed = 0
         # Makes autograd call the sparse backward even where no input requires a gradient (the
         # first layer); it never gets a gradient itself.
