@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODELS, assert_clear, bits, make_batches, snapshot
+import torch.distributed as dist
+from conftest import MODELS, assert_clear, bits, launch_torchrun, make_batches, snapshot
 from method_matrix import method_kwargs, method_names, prepare
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unmask import METHODS, SelectiveOptimizer
 from unmask.optimize import sparse_backward as sb
@@ -57,16 +62,21 @@ def _slot_grads(opt: SelectiveOptimizer) -> torch.Tensor:
 # ---------------------------------------------------------------- the entry-wise kernels
 
 
-def test_linear_entry_grads_equal_the_dense_gradient_gathered(monkeypatch):
-    monkeypatch.setattr(sb, "ROW_BLOCK", 5)  # several row blocks and entry chunks
-    monkeypatch.setattr(sb, "ENTRY_CHUNK", 7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_entry_grads_equal_the_dense_gradient_gathered(monkeypatch, dtype):
+    monkeypatch.setattr(sb, "ROW_BLOCK", 5)  # several row blocks, some without entries
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(13, 23, generator=g), torch.randn(13, 17, generator=g)
     flat = torch.randperm(23 * 17, generator=g)[:90].sort().values
+    flat = flat[(flat // 17 < 5) | (flat // 17 >= 10)]  # rows 5..9 hold none
     rows, cols = flat // 17, flat % 17
-    got = sb.linear_entry_grads(dy, x, rows, cols, torch.float32)
-    torch.testing.assert_close(got, (dy.t() @ x).reshape(-1)[flat])
-    assert sb.linear_entry_grads(dy, x, rows[:0], cols[:0], torch.float32).numel() == 0
+    pattern = sb.entry_pattern(rows, cols, (23, 17), dtype)
+    assert len(pattern) == 4
+    got = sb.linear_entry_grads(dy.bfloat16(), x, pattern, dtype)
+    want = (dy.bfloat16().to(dtype).t() @ x.to(dtype)).reshape(-1)[flat]
+    torch.testing.assert_close(got, want)
+    empty = sb.entry_pattern(rows[:0], cols[:0], (23, 17), dtype)
+    assert sb.linear_entry_grads(dy, x, empty, dtype).numel() == 0
 
 
 def test_embedding_entry_grads_equal_the_dense_gradient_gathered():
@@ -290,6 +300,14 @@ def test_crossover_keeps_dense_tensors_dense(monkeypatch):
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+def test_refused_on_fsdp_shards(monkeypatch):
+    from unmask.optimize import configuration
+
+    with pytest.raises(ValueError) as err:
+        configuration._refuse_under_fsdp(METHODS["random"](), None, False, True)
+    assert_clear(str(err.value), "not available on FSDP", "sparse_backward=False")
+
+
 @pytest.mark.parametrize("method", [n for n in method_names() if n not in FINAL_MASK])
 def test_refused_where_every_gradient_is_needed(method):
     with pytest.raises(ValueError) as err:
@@ -367,3 +385,58 @@ def test_unmask_every_is_refused_for_a_static_mask():
     with pytest.raises(ValueError) as err:
         SelectiveOptimizer(MODELS["bert"](), "random", budget=100, unmask_every=2)
     assert_clear(str(err.value), "does not", "leave unmask_every=1")
+
+
+# ---------------------------------------------------------------- DDP (two gloo processes)
+
+# name -> (method, its options, sparse_backward)
+DDP_SCENARIOS = {
+    "random": ("random", {"budget": "2%"}, True),
+    "id3": ("id3", {"budget": 300, "total_steps": 2}, True),
+    "id3-dense": ("id3", {"budget": 300, "total_steps": 2}, False),
+}
+
+
+def _ddp_train(scenario: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """4 steps with clipping; under DDP on this rank's half of every batch (the tiny BERT is in
+    eval mode: the halves' mean loss is the whole batch's)."""
+    method, options, sparse = DDP_SCENARIOS[scenario]
+    model = MODELS["bert"]()
+    module = DDP(model, find_unused_parameters=True) if world > 1 else model
+    opt = SelectiveOptimizer(model, method, lr=1e-2, sparse_backward=sparse, **options)
+    for batch in make_batches("bert", 4):
+        size = batch["input_ids"].shape[0] // world
+        half = {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
+        module(**half).loss.backward()
+        opt.clip_grad_norm_(0.5)
+        opt.step()
+        opt.zero_grad()
+    assert bool(opt.sparse_names) == sparse
+    return snapshot(model)
+
+
+def _ddp_worker(out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    results = {m: _ddp_train(m, rank, dist.get_world_size()) for m in DDP_SCENARIOS}
+    torch.save(results, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
+)
+def test_ddp_averages_the_slot_gradients(tmp_path):
+    launch_torchrun(Path(__file__), tmp_path, 2, 150)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for method in DDP_SCENARIOS:
+        single = _ddp_train(method, 0, 1)
+        for name, value in single.items():
+            assert torch.equal(ranks[0][method][name], ranks[1][method][name]), name
+            torch.testing.assert_close(ranks[0][method][name], value, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    _ddp_worker(Path(sys.argv[1]))

@@ -72,7 +72,7 @@ def sparse_budget(
 
 
 def check_sparse_backward(method: Method, sparse_backward: bool) -> None:
-    """ValueError if `sparse_backward=True` cannot work with the method or the process group."""
+    """ValueError if `sparse_backward=True` cannot work with the method."""
     if not sparse_backward:
         return
     if method.reselects or method.trains_dense:
@@ -81,12 +81,6 @@ def check_sparse_backward(method: Method, sparse_backward: bool) -> None:
             f"sparse_backward=True is not available for method {method.name!r}: it {what}, so "
             "every weight's gradient is needed; use sparse_backward=False, or a static or "
             "increment method (e.g. 'random', 'pafi', 'id3')"
-        )
-    if world_size() > 1:
-        raise ValueError(
-            "sparse_backward=True is not available under torch.distributed yet: the selected "
-            "weights' gradients are computed outside the parameters' .grad, which DDP averages; "
-            "use sparse_backward=False"
         )
 
 

@@ -63,6 +63,7 @@ from unmask.optimize.inner_optimizer import (
 from unmask.optimize.selector import Selector
 from unmask.optimize.sharding import full as _full
 from unmask.optimize.sharding import local as _local
+from unmask.optimize.sharding import world_size
 from unmask.optimize.sparse_backward import SparseBackward
 from unmask.store.delta import SparseDelta
 
@@ -108,8 +109,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             gradients go straight into the slots; other candidates keep the dense path. The
             selection and the trained weights are the dense path's (up to float rounding).
             Clipping then uses the norm of the selected weights' and dense parameters'
-            gradients (the only ones computed). Not for methods that reselect every step or
-            train densely, nor under torch.distributed. `close()` gives the model back.
+            gradients (the only ones computed). Under DDP the slots' gradients are averaged
+            in step() (O(B)); wrap the model with `find_unused_parameters=True`, since the
+            sparse tensors stop requiring a gradient. Not for methods that reselect every step
+            or train densely, nor on FSDP. `close()` gives the model back.
         unmask_every: k, for increment methods. 1 (the paper): weights are unmasked every step.
             k > 1: on steps 0, k, 2k, ... the weights the schedule unmasks over that step and
             the k - 1 after it are unmasked at once (|Λ| after step s never exceeds the
@@ -224,6 +227,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._tap = self._selector.tap(lambda: quota()()) if low_memory else None
         self.sparse_backward = sparse_backward
         self._backward: SparseBackward | None = None
+        self._sparse_averaged = False
         self._freeze_if_final()
         self._sparse_if_final()
 
@@ -331,14 +335,24 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._backward = SparseBackward(self.model, self._params, self._slots)
         # From now on the sparse tensors' gradients accumulate in delta.grad during backward,
         # so gathering must not clear them; _clear_pending clears them once a step has used them.
-        self._slots.accumulating = True
+        self._slots.computed = frozenset(self._backward.sparse)
         self._slots.delta.grad.zero_()
+
+    def _average_sparse_grads(self) -> None:
+        """Under DDP, average the slots' gradients that the sparse backward computed, once per
+        step (O(B); DDP itself averages only the parameters' `.grad`)."""
+        if self._backward is None or self._sparse_averaged or world_size() == 1:
+            return
+        grads = self._slots.delta.grad[: self._slots.n]
+        torch.distributed.all_reduce(grads)
+        grads.div_(world_size())
+        self._sparse_averaged = True
 
     def _remove_sparse(self) -> None:
         if self._backward is not None:
             self._backward.remove()
             self._backward = None
-            self._slots.accumulating = False
+            self._slots.computed = frozenset()
 
     @property
     def sparse_entries_computed(self) -> int:
@@ -360,6 +374,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         selected. Under FSDP the answer is every rank's (collective): a non-finite gradient may
         sit in one rank's shard only, and the ranks must skip a step together.
         """
+        self._average_sparse_grads()
         finite = self._selector.gradients_finite(gather=self._tap is None) and all(
             bool(torch.isfinite(_local(p.grad)).all())
             for p in self._dense_params
@@ -414,6 +429,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self.method.detach()
 
     def _clear_pending(self) -> None:
+        self._sparse_averaged = False
         if self._tap is not None:
             self._tap.clear()
         elif self._backward is not None:
@@ -442,9 +458,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """Sparse backward's clipping: the norm of the selected weights' gradients (gathered
         into the slots first) and the dense parameters'. The dense-path candidates' `.grad` is
         scaled too, so that step()'s gathering reads the clipped values."""
+        self._average_sparse_grads()
         if self._tap is None:
             self._slots.gather_grads()
-        dense_path = [p.grad for p in self._params if p.grad is not None]
+        computed = self._slots.computed
+        dense_path = [
+            p.grad for i, p in enumerate(self._params) if p.grad is not None and i not in computed
+        ]
         norm = clip_grad_norm_([self._slots.delta.grad, *dense], max_norm, None)
         scale_to_norm(dense_path, norm, max_norm)
         return norm

@@ -12,11 +12,11 @@ column c) gets the sum of dOut[t, c] over the positions t holding token r, from 
 the batch's distinct tokens (never the vocab x hidden gradient); a tied LM head is a Linear that
 shares the embedding's weight, so both contributions reach the same slots.
 
-Cost and memory: the entries are computed in row blocks of W (entries are sorted by row, as slot
-layouts are), each block's dY columns transposed once into a (rows x T) buffer, and at most
-`ENTRY_CHUNK` entries at a time, so the temporaries are O(T · (in + ROW_BLOCK + ENTRY_CHUNK))
-elements besides dY and X themselves (which the dense backward holds too); the work is 2·T·|S|
-multiply-adds instead of 2·T·out·in.
+Cost and memory: the entries of a Linear weight are a sampled dense-dense matrix product (SDDMM,
+`torch.sparse.sampled_addmm`, on CPU and CUDA) over the sparsity pattern of S, built once when
+the backward is installed, in blocks of `ROW_BLOCK` rows of W; the temporaries are
+O(T · (in + ROW_BLOCK)) elements besides dY and X themselves (which the dense backward holds
+too), never out x in; the work is T·|S| multiply-adds instead of T·out·in.
 
 What keeps the dense path (its selected entries are gathered from `.grad` as before): candidates
 that are not the weight or bias of an `nn.Linear` or the weight of an `nn.Embedding` (LayerNorm,
@@ -31,6 +31,7 @@ owner being garbage-collected) puts both back. `state_dict` keys never change.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +43,8 @@ from torch import Tensor, nn
 
 from unmask.optimize.slots import SlotBuffers
 
-# Entries computed at a time: two (ENTRY_CHUNK x T) temporaries.
-ENTRY_CHUNK = 1 << 12
-# Rows of W whose dY columns are transposed at a time: one (ROW_BLOCK x T) temporary.
-ROW_BLOCK = 256
+# Rows of W whose entries are computed at a time: one (ROW_BLOCK x T) copy of dY's columns.
+ROW_BLOCK = 4096
 # A tensor whose selected fraction is above this keeps the dense path: the measured crossover
 # where the entry-wise gradient stops being faster than the dense weight GEMM (the measurement
 # is in docs/sparse_backward.md and benchmarks/results/sparse_backward/crossover.json).
@@ -55,47 +54,61 @@ MAX_DENSITY = 0.02
 @dataclass
 class Entries:
     """The selected entries of one parameter: their slots, rows and columns (int64, ascending by
-    row, then column; for a bias `cols` is unused)."""
+    row, then column; for a bias `cols` is unused), and for a matrix their sampling `pattern`."""
 
     slots: Tensor
     rows: Tensor
     cols: Tensor
+    pattern: list[tuple[int, int, Tensor]] | None = None
+
+
+def entry_pattern(
+    rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype
+) -> list[tuple[int, int, Tensor]]:
+    """The entries (rows ascending) as sparse CSR patterns of blocks of ROW_BLOCK rows of a
+    `shape` matrix: (first row, last row + 1, pattern with zero values) per block holding
+    entries, in entry order."""
+    out_features, in_features = shape
+    blocks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        for r0 in range(0, out_features, ROW_BLOCK):
+            r1 = min(r0 + ROW_BLOCK, out_features)
+            lo, hi = torch.searchsorted(rows, torch.tensor([r0, r1], device=rows.device)).tolist()
+            if lo == hi:
+                continue
+            edges = torch.arange(r0, r1 + 1, device=rows.device)
+            crow = torch.searchsorted(rows[lo:hi], edges)
+            values = torch.zeros(hi - lo, dtype=dtype, device=rows.device)
+            csr = torch.sparse_csr_tensor(
+                crow, cols[lo:hi], values, size=(r1 - r0, in_features), check_invariants=False
+            )
+            blocks.append((r0, r1, csr))
+    return blocks
 
 
 def linear_entry_grads(
-    dy: Tensor, x: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype
+    dy: Tensor, x: Tensor, pattern: list[tuple[int, int, Tensor]], dtype: torch.dtype
 ) -> Tensor:
-    """g_i = Σ_t dy[t, rows_i] · x[t, cols_i] for every entry i, without forming dyᵀx.
+    """g_i = Σ_t dy[t, rows_i] · x[t, cols_i] for every entry i of `pattern`, without forming
+    dyᵀx: a sampled matrix product (SDDMM, `torch.sparse.sampled_addmm`) per row block.
 
     Args:
         dy: (T, out) output gradient; x: (T, in) input.
-        rows, cols: (n,) int64 entry coordinates, rows ascending.
-        dtype: the dtype of the result and of the arithmetic.
+        pattern: `entry_pattern` of the entries; dtype: the result's and arithmetic's dtype.
 
     Returns:
-        (n,) in `dtype`. Temporaries: x transposed (in x T), one block of ROW_BLOCK rows of dy
-        transposed, and two (ENTRY_CHUNK x T) gathers.
+        (n,) in `dtype`, in entry order. Temporaries: x in `dtype` (T x in) and one block of
+        dy's columns (ROW_BLOCK x T), besides the n results.
     """
-    n = rows.numel()
-    out = torch.empty(n, dtype=dtype, device=dy.device)
-    if n == 0:
-        return out
-    xt = x.t().to(dtype).contiguous()
-    # Entry ranges per row block: rows are ascending, so each block's entries are contiguous.
-    first, last = int(rows[0]), int(rows[-1])
-    edges = torch.arange(first, last + ROW_BLOCK + 1, ROW_BLOCK, device=rows.device)
-    bounds = torch.searchsorted(rows, edges).tolist()
-    for b in range(len(bounds) - 1):
-        lo, hi = bounds[b], bounds[b + 1]
-        if lo == hi:
-            continue
-        r0 = first + b * ROW_BLOCK
-        block = dy[:, r0 : min(r0 + ROW_BLOCK, dy.shape[1])].t().to(dtype).contiguous()
-        for s in range(lo, hi, ENTRY_CHUNK):
-            e = min(s + ENTRY_CHUNK, hi)
-            picked = block.index_select(0, rows[s:e] - r0)
-            out[s:e] = picked.mul_(xt.index_select(0, cols[s:e])).sum(1)
-    return out
+    x = x.to(dtype)
+    parts = [
+        torch.sparse.sampled_addmm(csr, dy[:, r0:r1].t().to(dtype), x, beta=0.0).values()
+        for r0, r1, csr in pattern
+    ]
+    if not parts:
+        return torch.zeros(0, dtype=dtype, device=dy.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def embedding_entry_grads(
@@ -185,7 +198,7 @@ class _Plan:
         dtype = self.owner.slots.delta.dtype
         if self.weight is not None:
             w = self.weight
-            self._add(w, linear_entry_grads(dy, x, w.rows, w.cols, dtype))
+            self._add(w, linear_entry_grads(dy, x, w.pattern, dtype))
         if self.bias is not None:
             self._add(self.bias, dy.sum(0).to(dtype).index_select(0, self.bias.rows))
 
@@ -294,7 +307,8 @@ class SparseBackward:
             roles = {r: by_id[id(p)] for r, p in held if p is not None and id(p) in by_id}
             if not roles:
                 continue
-            entries = {r: _entries(params[i], *layout[i], r) for r, i in roles.items()}
+            dtype = slots.delta.dtype
+            entries = {r: _entries(params[i], *layout[i], r, dtype) for r, i in roles.items()}
             plan = _Plan(self, module, entries.get("weight"), entries.get("bias"))
             self._plans.append(plan)
             records.append((module, module.__dict__.get("forward")))
@@ -313,8 +327,9 @@ class SparseBackward:
         self._finalizer()
 
 
-def _entries(param: Tensor, slots: Tensor, local: Tensor, role: str) -> Entries:
+def _entries(param: Tensor, slots: Tensor, local: Tensor, role: str, dtype: torch.dtype) -> Entries:
     if role == "bias" or param.dim() == 1:
         return Entries(slots, local, local)
     cols = param.shape[1]
-    return Entries(slots, torch.div(local, cols, rounding_mode="floor"), local % cols)
+    rows, cols = torch.div(local, cols, rounding_mode="floor"), local % cols
+    return Entries(slots, rows, cols, entry_pattern(rows, cols, tuple(param.shape), dtype))
