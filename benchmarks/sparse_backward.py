@@ -20,8 +20,9 @@ Reported per variant: the median whole step (forward, backward, ``opt.step()``,
 ``opt.zero_grad()``) after ``--warmup`` steps, peak RSS (``ru_maxrss``), both as ratios to
 ``adamw`` and ``lora`` of the same model and batch measured in the same session; the weight-
 gradient entries computed per step (measured: ``opt.sparse_entries_computed`` for the sparse
-tensors plus the numel of every weight whose ``.grad`` was formed) against T x B (tokens per
-step x budget) and against the dense count; and the share of the step spent computing the
+tensors plus the numel of every parameter whose ``.grad`` was formed) over B, the weights that
+train (1 when only their gradients are computed; over a run of T steps this is the measured
+entries / (T·B)); and the share of the step spent computing the
 selected entries (``linear_entry_grads`` and ``embedding_entry_grads``, timed in the child).
 
 Crossover mode (``--crossover``) times, in one process, the dense weight gradient ``dYᵀX`` of
@@ -241,10 +242,6 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
                 for r in results.values():
                     _ratios(r, refs)
-                    if "error" not in r and r["num_selected"]:
-                        r["entries_vs_tokens_x_budget"] = r["gradient_entries_per_step"] / (
-                            r["tokens_per_step"] * r["num_selected"]
-                        )
                 cells.append(
                     {"model": model, "batch": batch, "budget": budget, "variants": results}
                 )
@@ -268,6 +265,14 @@ def _config(args: argparse.Namespace, model: str, preset: dict[str, int], batch:
     )  # fmt: skip
 
 
+def entries_per_selected(result: dict[str, Any]) -> float | None:
+    """Weight-gradient entries computed per step over the weights that train (B): 1 when only
+    the selected weights' gradients are computed; over a run of T steps, entries / (T·B)."""
+    if "error" in result or not result.get("num_selected"):
+        return None
+    return result["gradient_entries_per_step"] / result["num_selected"]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Sparse backward benchmark",
@@ -280,7 +285,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']['git_commit']}.",
         "",
         "| model | batch | budget | variant | step (ms) | vs AdamW | vs LoRA | peak RSS (MB) "
-        "| RSS vs LoRA | grad entries / step | / (T·B) | kernel share |",
+        "| RSS vs LoRA | grad entries / step | / B | kernel share |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in report["cells"]:
@@ -293,7 +298,7 @@ def markdown(report: dict[str, Any]) -> str:
                 head + f"| {r['median_step_s'] * 1e3:.0f} | {fmt(r.get('step_vs_adamw'), '.2f')} "
                 f"| {fmt(r.get('step_vs_lora'), '.2f')} | {r['peak_rss_mb']:.0f} "
                 f"| {fmt(r.get('rss_vs_lora'), '.2f')} | {r['gradient_entries_per_step']:,.0f} "
-                f"| {fmt(r.get('entries_vs_tokens_x_budget'), '.2g')} "
+                f"| {fmt(entries_per_selected(r), '.3g')} "
                 f"| {fmt(r['kernel_share'], '.2f')} |"
             )
     lines += ["", f"Command: `{report['command']}`", ""]
@@ -317,6 +322,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crossover", action="store_true", help="time the kernels (see above)")
     p.add_argument("--repeats", type=int, default=9, help="crossover timings per point")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--report", type=Path, default=None, help="re-render the markdown of this JSON and exit"
+    )
     p.add_argument("--child-timeout", type=float, default=1800.0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-config", default=None, help=argparse.SUPPRESS)
@@ -345,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
         return child_main(args.child, Config(**json.loads(args.child_config)), args.id3_total_steps)
+    if args.report is not None:
+        print(markdown(json.loads(args.report.read_text())))
+        return 0
     command = shlex.join([sys.executable, *sys.argv])
     if args.crossover:
         report = {"benchmark": "sparse_backward_crossover", "command": command,
