@@ -1,5 +1,6 @@
 """What a method and the options need before an optimizer is built, read from the method's
-capability fields: total steps, low-memory mode, several processes, FSDP, and the budget."""
+capability fields: total steps, low-memory mode, sparse backward, several processes, FSDP, and
+the budget."""
 
 from __future__ import annotations
 
@@ -70,8 +71,40 @@ def sparse_budget(
     return sparse
 
 
-def _refuse_under_fsdp(method: Method, freeze_unselected: bool | None, low_memory: bool) -> None:
+def check_sparse_backward(method: Method, sparse_backward: bool) -> None:
+    """ValueError if `sparse_backward=True` cannot work with the method."""
+    if not sparse_backward:
+        return
+    if method.reselects or method.trains_dense:
+        what = "picks a new mask every step" if method.reselects else "trains every weight densely"
+        raise ValueError(
+            f"sparse_backward=True is not available for method {method.name!r}: it {what}, so "
+            "every weight's gradient is needed; use sparse_backward=False, or a static or "
+            "increment method (e.g. 'random', 'pafi', 'id3')"
+        )
+
+
+def check_unmask_every(method: Method, unmask_every: int) -> None:
+    """ValueError unless `unmask_every` is a positive int, and 1 for methods that do not grow
+    their mask step by step."""
+    if isinstance(unmask_every, bool) or not isinstance(unmask_every, int) or unmask_every < 1:
+        raise ValueError(f"unmask_every must be an int >= 1, got {unmask_every!r}")
+    if unmask_every > 1 and not method.grows_mask:
+        raise ValueError(
+            f"unmask_every={unmask_every} applies to methods that unmask weights step by step "
+            f"(e.g. 'id3'); method {method.name!r} does not: leave unmask_every=1"
+        )
+
+
+def _refuse_under_fsdp(
+    method: Method, freeze_unselected: bool | None, low_memory: bool, sparse_backward: bool
+) -> None:
     """ValueError for the options that do not work on FSDP-sharded parameters, with what to do."""
+    if sparse_backward:
+        raise ValueError(
+            "sparse_backward=True is not available on FSDP-sharded models (FSDP gathers and "
+            "reduces whole weight gradients); use sparse_backward=False"
+        )
     if low_memory:
         raise ValueError(
             "low_memory=True is not available on FSDP-sharded models (its per-tensor gradient "
@@ -94,13 +127,14 @@ def detect_shards(
     candidates: Candidates,
     freeze_unselected: bool | None,
     low_memory: bool,
+    sparse_backward: bool = False,
 ) -> Shards | None:
     """The FSDP2 shards of the candidates (None: not sharded), after refusing what does not
     work on them, or under DDP."""
     params: list[Tensor] = [p for _, p in candidates.sparse]
     shards = Shards.detect(candidates.sparse + candidates.dense, params, offsets_of(params))
     if shards is not None:
-        _refuse_under_fsdp(method, freeze_unselected, low_memory)
+        _refuse_under_fsdp(method, freeze_unselected, low_memory, sparse_backward)
     elif low_memory and world_size() > 1:
         raise ValueError(
             "low_memory=True reads each gradient in backward, before DDP averages it over "

@@ -42,6 +42,10 @@ class SlotBuffers:
         sorted_index / sorted_slots: the used slots' indices in ascending order, and the slots.
         inner: the wrapped optimizer stepping `delta` (set once built): `assign` zeroes its
             per-slot state, `grow` carries it over.
+        computed: positions of the tensors whose slots' gradients the sparse backward adds
+            into delta.grad during backward (`unmask.optimize.sparse_backward`): gathering
+            leaves their slots alone (whatever their `.grad` holds: DDP may set it), and the
+            owner clears delta.grad once a step has used it.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class SlotBuffers:
         self.base = torch.zeros_like(self.delta)
         self.index = torch.zeros(capacity, dtype=torch.long, device=device)
         self.inner: torch.optim.Optimizer | None = None
+        self.computed: frozenset[int] = frozenset()
         self.touched: Layout = []
         self.layout: Layout = []
         self._layout_of: dict[int, tuple[Tensor, Tensor]] = {}
@@ -134,10 +139,12 @@ class SlotBuffers:
 
     def gather_grads(self) -> None:
         """delta.grad = the training slots' gradients read from the parameters' `.grad`
-        (zero in other slots, and for tensors whose `.grad` is None)."""
-        self.delta.grad.zero_()
+        (zero in other slots, and for tensors whose `.grad` is None; the `computed` tensors'
+        slots keep what the sparse backward added)."""
+        if not self.computed:
+            self.delta.grad.zero_()
         for i, _, _ in self.layout:
-            grad = self.params[i].grad
+            grad = None if i in self.computed else self.params[i].grad
             if grad is not None:
                 self.take_grad(i, _local(grad).detach().reshape(-1), accumulate=False)
 

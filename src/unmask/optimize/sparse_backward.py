@@ -1,0 +1,335 @@
+"""Sparse backward: once the mask is final, compute only the selected weights' gradients.
+
+For a `nn.Linear` whose weight W (out x in) holds selected flat indices S = {(r_i, c_i)}, the
+weight no longer requires a gradient; backward computes the input gradient dX = dY W as usual and,
+instead of the dense dW = dYᵀX, only
+
+    g_i = Σ_t dY[t, r_i] · X[t, c_i]            (t over every token of the batch)
+
+which it adds straight into the slots' `delta.grad` (so gradient accumulation over micro-batches
+sums, as `.grad` does). A selected bias entry gets Σ_t dY[t, r]. An `nn.Embedding` entry (token r,
+column c) gets the sum of dOut[t, c] over the positions t holding token r, from a compact sum over
+the batch's distinct tokens (never the vocab x hidden gradient); a tied LM head is a Linear that
+shares the embedding's weight, so both contributions reach the same slots.
+
+Cost and memory: the entries of a Linear weight are a sampled dense-dense matrix product (SDDMM,
+`torch.sparse.sampled_addmm`, on CPU and CUDA) over the sparsity pattern of S, built once when
+the backward is installed, in blocks of `ROW_BLOCK` rows of W; the temporaries are
+O(T · (in + ROW_BLOCK)) elements besides dY and X themselves (which the dense backward holds
+too), never out x in; the work is T·|S| multiply-adds instead of T·out·in.
+
+What keeps the dense path (its selected entries are gathered from `.grad` as before): candidates
+that are not the weight or bias of an `nn.Linear` or the weight of an `nn.Embedding` (LayerNorm,
+RMSNorm, convolutions, ...), embeddings with `max_norm`, `scale_grad_by_freq` or `sparse=True`, a
+parameter that any unsupported module also holds, and tensors whose selected fraction exceeds
+`MAX_DENSITY` (there the dense GEMM is the faster one; see docs/sparse_backward.md).
+
+The model is changed only while this is installed: the modules' `forward` is replaced by an
+instance attribute and the sparse tensors' `requires_grad` is turned off; `remove()` (or the
+owner being garbage-collected) puts both back. `state_dict` keys never change.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unmask.optimize.slots import SlotBuffers
+
+# Rows of W whose entries are computed at a time: one (ROW_BLOCK x T) copy of dY's columns.
+ROW_BLOCK = 4096
+# A tensor whose selected fraction is above this keeps the dense path: the measured crossover
+# where the entry-wise gradient stops being faster than the dense weight GEMM (the measurement
+# is in docs/sparse_backward.md and benchmarks/results/sparse_backward/crossover.json).
+MAX_DENSITY = 0.02
+
+
+@dataclass
+class Entries:
+    """The selected entries of one parameter: their slots, rows and columns (int64, ascending by
+    row, then column; for a bias `cols` is unused), and for a matrix their sampling `pattern`."""
+
+    slots: Tensor
+    rows: Tensor
+    cols: Tensor
+    pattern: list[tuple[int, int, Tensor]] | None = None
+
+
+def entry_pattern(
+    rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype
+) -> list[tuple[int, int, Tensor]]:
+    """The entries (rows ascending) as sparse CSR patterns of blocks of ROW_BLOCK rows of a
+    `shape` matrix: (first row, last row + 1, pattern with zero values) per block holding
+    entries, in entry order."""
+    out_features, in_features = shape
+    blocks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        for r0 in range(0, out_features, ROW_BLOCK):
+            r1 = min(r0 + ROW_BLOCK, out_features)
+            lo, hi = torch.searchsorted(rows, torch.tensor([r0, r1], device=rows.device)).tolist()
+            if lo == hi:
+                continue
+            edges = torch.arange(r0, r1 + 1, device=rows.device)
+            crow = torch.searchsorted(rows[lo:hi], edges)
+            values = torch.zeros(hi - lo, dtype=dtype, device=rows.device)
+            csr = torch.sparse_csr_tensor(
+                crow, cols[lo:hi], values, size=(r1 - r0, in_features), check_invariants=False
+            )
+            blocks.append((r0, r1, csr))
+    return blocks
+
+
+def linear_entry_grads(
+    dy: Tensor, x: Tensor, pattern: list[tuple[int, int, Tensor]], dtype: torch.dtype
+) -> Tensor:
+    """g_i = Σ_t dy[t, rows_i] · x[t, cols_i] for every entry i of `pattern`, without forming
+    dyᵀx: a sampled matrix product (SDDMM, `torch.sparse.sampled_addmm`) per row block.
+
+    Args:
+        dy: (T, out) output gradient; x: (T, in) input.
+        pattern: `entry_pattern` of the entries; dtype: the result's and arithmetic's dtype.
+
+    Returns:
+        (n,) in `dtype`, in entry order. Temporaries: x in `dtype` (T x in) and one block of
+        dy's columns (ROW_BLOCK x T), besides the n results.
+    """
+    x = x.to(dtype)
+    parts = [
+        torch.sparse.sampled_addmm(csr, dy[:, r0:r1].t().to(dtype), x, beta=0.0).values()
+        for r0, r1, csr in pattern
+    ]
+    if not parts:
+        return torch.zeros(0, dtype=dtype, device=dy.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def embedding_entry_grads(
+    dout: Tensor,
+    ids: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    padding_idx: int | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """g_i = Σ_{t: ids[t] = rows_i} dout[t, cols_i] for every entry i (0 for the padding row).
+
+    Args:
+        dout: (N, H) gradient of the looked-up rows; ids: (N,) the token ids.
+        rows, cols: (n,) int64 entry coordinates (token, column).
+
+    Returns:
+        (n,) in `dtype`; temporaries O(N · H + n) (a sum per distinct token of the batch).
+    """
+    tokens, where = torch.unique(ids, sorted=True, return_inverse=True)
+    compact = torch.zeros(tokens.numel(), dout.shape[1], dtype=dtype, device=dout.device)
+    compact.index_add_(0, where, dout.to(dtype))
+    pos = torch.searchsorted(tokens, rows).clamp_(max=tokens.numel() - 1)
+    hit = tokens[pos] == rows
+    if padding_idx is not None:
+        hit &= rows != padding_idx
+    return torch.where(hit, compact[pos, cols], torch.zeros((), dtype=dtype, device=dout.device))
+
+
+class _SelectedLinear(torch.autograd.Function):
+    """F.linear whose backward adds the selected entries' gradients into the slots."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, anchor: Tensor, plan: _Plan
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = (dy @ weight.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (dy2.t() @ x2.to(dy.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        with torch.no_grad():
+            plan.add_linear(dy2, x2)
+        return dx, dw, db, None, None
+
+
+class _SelectedEmbedding(torch.autograd.Function):
+    """F.embedding whose backward adds the selected entries' gradients into the slots."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, weight: Tensor, anchor: Tensor, plan: _Plan) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.plan, ctx.num_weights = plan, weight.shape[0]
+        return F.embedding(ids, weight, plan.module.padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        (ids,) = ctx.saved_tensors
+        with torch.no_grad():
+            ctx.plan.add_embedding(dout.reshape(-1, dout.shape[-1]), ids.reshape(-1))
+        return None, None, None, None
+
+
+class _Plan:
+    """What one installed module computes in backward: the entries of its sparse parameters."""
+
+    def __init__(
+        self, owner: SparseBackward, module: nn.Module, weight: Entries | None, bias: Entries | None
+    ) -> None:
+        self.owner, self.module, self.weight, self.bias = owner, module, weight, bias
+
+    def _add(self, entries: Entries, grads: Tensor) -> None:
+        self.owner.slots.delta.grad.index_add_(0, entries.slots, grads)
+        self.owner.entries_computed += entries.slots.numel()
+
+    def add_linear(self, dy: Tensor, x: Tensor) -> None:
+        dtype = self.owner.slots.delta.dtype
+        if self.weight is not None:
+            w = self.weight
+            self._add(w, linear_entry_grads(dy, x, w.pattern, dtype))
+        if self.bias is not None:
+            self._add(self.bias, dy.sum(0).to(dtype).index_select(0, self.bias.rows))
+
+    def add_embedding(self, dout: Tensor, ids: Tensor) -> None:
+        w, dtype = self.weight, self.owner.slots.delta.dtype
+        self._add(
+            w, embedding_entry_grads(dout, ids, w.rows, w.cols, self.module.padding_idx, dtype)
+        )
+
+
+def _linear_forward(ref: weakref.ref, module: nn.Linear) -> Callable[[Tensor], Tensor]:
+    def forward(x: Tensor) -> Tensor:
+        plan = ref()
+        if plan is None:  # the owner is gone (its finalizer restores the forward)
+            return F.linear(x, module.weight, module.bias)
+        return _SelectedLinear.apply(x, module.weight, module.bias, plan.owner.anchor, plan)
+
+    return forward
+
+
+def _embedding_forward(ref: weakref.ref, module: nn.Embedding) -> Callable[[Tensor], Tensor]:
+    def forward(ids: Tensor) -> Tensor:
+        plan = ref()
+        if plan is None:
+            return F.embedding(ids, module.weight, module.padding_idx)
+        return _SelectedEmbedding.apply(ids, module.weight, plan.owner.anchor, plan)
+
+    return forward
+
+
+def _supports(module: nn.Module, role: str) -> bool:
+    """Whether the sparse backward computes `module`'s parameter `role`."""
+    if type(module) is nn.Linear:
+        return role in ("weight", "bias")
+    if type(module) is nn.Embedding:
+        plain = module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+        return role == "weight" and plain
+    return False
+
+
+def sparse_capable(model: nn.Module, params: list[Tensor]) -> list[bool]:
+    """Per candidate tensor: whether every module holding it is one the sparse backward computes
+    (a parameter shared with any other module keeps the dense path)."""
+    ok = {id(p): True for p in params}
+    seen = {id(p): False for p in params}
+    for module in model.modules():
+        for role, p in module._parameters.items():
+            if p is not None and id(p) in ok:
+                seen[id(p)] = True
+                ok[id(p)] = ok[id(p)] and _supports(module, role)
+    return [ok[id(p)] and seen[id(p)] for p in params]
+
+
+def _restore(records: list[tuple[nn.Module, Any]], frozen: list[Tensor]) -> None:
+    """Put the modules' own forward back and turn requires_grad back on."""
+    for module, previous in records:
+        module.__dict__.pop("forward", None)
+        if previous is not None:
+            module.forward = previous
+    for p in frozen:
+        p.requires_grad_(True)
+
+
+class SparseBackward:
+    """The sparse backward of one SelectiveOptimizer's final mask, installed on its model.
+
+    Args:
+        model: the model; its modules holding sparse tensors get the sparse forward.
+        params: the candidate tensors, in the slots' order.
+        slots: the slots (their `layout` is the final mask); gradients go to `slots.delta.grad`.
+        max_density: tensors with a larger selected fraction keep the dense path (None: the
+            module's MAX_DENSITY).
+
+    Candidate tensors holding no selected weight stop requiring a gradient too.
+
+    Attributes:
+        sparse: positions of the candidates whose selected gradients are computed here.
+        entries_computed: selected-entry gradients computed so far (one per entry per backward).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: list[Tensor],
+        slots: SlotBuffers,
+        max_density: float | None = None,
+    ) -> None:
+        max_density = MAX_DENSITY if max_density is None else max_density
+        self.slots = slots
+        self.num_slots = slots.n  # the mask this was built for (it only grows)
+        self.entries_computed = 0
+        # Makes autograd call the sparse backward even where no input requires a gradient (the
+        # first layer); it never gets a gradient itself.
+        self.anchor = torch.zeros((), device=slots.delta.device, requires_grad=True)
+        capable = sparse_capable(model, params)
+        layout = {i: (s, local) for i, s, local in slots.layout}
+        self.sparse = [
+            i for i, p in enumerate(params)
+            if capable[i] and i in layout and layout[i][1].numel() <= max_density * p.numel()
+        ]  # fmt: skip
+        by_id = {id(params[i]): i for i in self.sparse}
+        self._plans: list[_Plan] = []
+        records: list[tuple[nn.Module, Any]] = []
+        for module in model.modules():
+            held = module._parameters.items()
+            roles = {r: by_id[id(p)] for r, p in held if p is not None and id(p) in by_id}
+            if not roles:
+                continue
+            dtype = slots.delta.dtype
+            entries = {r: _entries(params[i], *layout[i], r, dtype) for r, i in roles.items()}
+            plan = _Plan(self, module, entries.get("weight"), entries.get("bias"))
+            self._plans.append(plan)
+            records.append((module, module.__dict__.get("forward")))
+            make = _linear_forward if isinstance(module, nn.Linear) else _embedding_forward
+            module.forward = make(weakref.ref(plan), module)
+        # The sparse tensors, and the tensors holding no selected weight, need no weight gradient.
+        idle = [i for i in range(len(params)) if i not in layout]
+        frozen = [params[i] for i in self.sparse + idle if params[i].requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+            p.grad = None
+        self._finalizer = weakref.finalize(self, _restore, records, frozen)
+
+    def remove(self) -> None:
+        """Give the modules their own forward and the tensors their requires_grad back."""
+        self._finalizer()
+
+
+def _entries(param: Tensor, slots: Tensor, local: Tensor, role: str, dtype: torch.dtype) -> Entries:
+    if role == "bias" or param.dim() == 1:
+        return Entries(slots, local, local)
+    cols = param.shape[1]
+    rows, cols = torch.div(local, cols, rounding_mode="floor"), local % cols
+    return Entries(slots, rows, cols, entry_pattern(rows, cols, tuple(param.shape), dtype))
