@@ -103,6 +103,28 @@ def test_trainer_flags_on_a_tiny_model(tiny_model_dir, reviews_csv, tmp_path, de
     assert report["steps"] == 8
 
 
+def test_sparse_backward_clips_through_the_optimizer(
+    tiny_model_dir, reviews_csv, tmp_path, monkeypatch
+):
+    # The selected weights' gradients live in the optimizer's slots, not in model.parameters():
+    # the Trainer's clipping must go through SelectiveOptimizer.clip_grad_norm_ to see them.
+    from unmask.optimize.optimizer import SelectiveOptimizer
+
+    norms = []
+    clip = SelectiveOptimizer.clip_grad_norm_
+
+    def recording(self, max_norm):
+        norms.append(float(clip(self, max_norm)))
+        return torch.tensor(norms[-1])
+
+    monkeypatch.setattr(SelectiveOptimizer, "clip_grad_norm_", recording)
+    out = tmp_path / "run"
+    flags = ["--sparse-backward", "--budget", "5%", "--steps", "3", "--max-grad-norm", "0.5"]
+    assert main(train_argv(tiny_model_dir, reviews_csv, out, *flags)) == EXIT_OK
+    assert len(norms) == 3 and all(n > 0 for n in norms)
+    assert [r["grad_norm"] for r in steps_of(out)] == pytest.approx(norms)
+
+
 def test_bf16_trains(tiny_model_dir, reviews_csv, tmp_path):
     out = tmp_path / "run"
     flags = ["--bf16", "--device", "cpu", "--steps", "2", "--budget", "5%"]
@@ -124,6 +146,30 @@ def test_low_memory_trains_the_same_weights(tiny_model_dir, reviews_csv, tmp_pat
     for name, (index, values) in standard.sparse.items():
         assert torch.equal(index, low.sparse[name][0]), name
         torch.testing.assert_close(low.sparse[name][1], values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--method", "random"], ["--method", "id3", "--unmask-every", "2"]],
+    ids=["random", "id3-every-2"],
+)
+def test_sparse_backward_trains_the_same_weights(tiny_model_dir, reviews_csv, tmp_path, flags):
+    """--sparse-backward selects the same weights and reaches the same values as the dense
+    backward. (Not with clipping: the sparse path's norm covers only the gradients it computes,
+    docs/sparse_backward.md.)"""
+    deltas = []
+    for sparse in (False, True):
+        out = tmp_path / str(sparse)
+        argv = [*flags, "--budget", "5%", "--steps", "4"]
+        argv += ["--sparse-backward"] if sparse else []
+        assert main(train_argv(tiny_model_dir, reviews_csv, out, *argv)) == EXIT_OK
+        deltas.append(SparseDelta.from_pretrained(out / "delta"))
+        assert json.loads((out / "report.json").read_text())["config"]["sparse_backward"] is sparse
+    dense, sparse = deltas
+    assert dense.sparse.keys() == sparse.sparse.keys()
+    for name, (index, values) in dense.sparse.items():
+        assert torch.equal(index, sparse.sparse[name][0]), name
+        torch.testing.assert_close(sparse.sparse[name][1], values, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -266,10 +312,13 @@ def test_device_cuda_without_cuda_exits_2(tiny_model_dir, reviews_csv, tmp_path,
         (["--max-grad-norm", "-1"], r"--max-grad-norm must be a finite number >= 0"),
         (["--eval-steps", "0"], r"--eval-steps must be a positive integer"),
         (["--include", "("], r"--include '\(' is not a valid regular expression"),
+        (["--method", "id3", "--unmask-every", "0"], r"--unmask-every must be a positive integer"),
+        (["--method", "random", "--unmask-every", "2"], r"'random' does not use --unmask-every"),
+        (["--method", "full", "--sparse-backward"], r"'full' does not use --sparse-backward"),
     ],
     ids=["score-eps-random", "schedule-pafi", "budget-bitfit", "low-memory-full", "budget-lora",
          "lora-without-rank", "accumulation-0", "warmup-1.5", "clip-negative", "eval-steps-0",
-         "bad-regex"],
+         "bad-regex", "unmask-every-0", "unmask-every-static", "sparse-backward-full"],
 )  # fmt: skip
 def test_refused_options_exit_2_before_training(
     tiny_model_dir, reviews_csv, tmp_path, capsys, flags, what

@@ -27,6 +27,7 @@ RUN_SETTINGS = (
     "max_length", "train_size", "schedule", "adam_step", "score_eps", "score_exp",
     "lr_scheduler_type", "warmup_ratio", "gradient_accumulation_steps", "max_grad_norm", "bf16",
     "include", "exclude", "dense", "dense_in_budget", "lora_r", "low_memory",
+    "sparse_backward", "unmask_every",
 )  # fmt: skip
 
 

@@ -266,6 +266,21 @@ def _trainer_args(train: argparse.ArgumentParser, defaults, choices) -> None:
         default=defaults.low_memory,
         help="rank gradients tensor by tensor during backward (see docs/design.md)",
     )
+    train.add_argument(
+        "--sparse-backward",
+        action="store_true",
+        default=defaults.sparse_backward,
+        help="once the mask is final, compute only the selected weights' gradients "
+        "(docs/sparse_backward.md)",
+    )
+    train.add_argument(
+        "--unmask-every",
+        type=int,
+        default=defaults.unmask_every,
+        metavar="K",
+        help="a growing mask (id3, ...) unmasks K steps' worth on every K-th step; with "
+        "--sparse-backward the steps between run sparse (default: %(default)s, the paper)",
+    )
     for name, what in (
         ("include", "only parameters matching one of these regexes are candidates"),
         ("exclude", "parameters matching one of these regexes are not trained"),

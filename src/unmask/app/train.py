@@ -244,6 +244,8 @@ def _selective_optimizer(config: TrainConfig, model, args, total: int):
         schedule=config.schedule,
         seed=config.seed,
         low_memory=config.low_memory,
+        sparse_backward=config.sparse_backward,
+        unmask_every=config.unmask_every,
     )
 
 

@@ -61,6 +61,10 @@ class TrainConfig:
     report_to: str = "none"
     # Which weights compete (SelectiveOptimizer's options); regex patterns on parameter names.
     low_memory: bool = False
+    # Only the selected weights' gradients in backward, once the mask is final
+    # (docs/sparse_backward.md); unmask_every: a growing mask unmasks every k-th step.
+    sparse_backward: bool = False
+    unmask_every: int = 1
     include: list[str] | None = None
     exclude: list[str] | None = None
     dense: list[str] | None = None
@@ -112,7 +116,11 @@ def check_config(config: TrainConfig) -> None:
             f"--max-grad-norm must be a finite number >= 0 (0: no clipping), got "
             f"{config.max_grad_norm!r}"
         )
-    for flag, value in (("--eval-steps", config.eval_steps), ("--lora-r", config.lora_r)):
+    for flag, value in (
+        ("--eval-steps", config.eval_steps),
+        ("--lora-r", config.lora_r),
+        ("--unmask-every", config.unmask_every),
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     if config.method == LORA and config.lora_r is None:
@@ -167,6 +175,8 @@ def unused_options(method: str, given: set[str]) -> list[str]:
             "score_exp": "plain LoRA ranks no weights",
             "adam_step": "plain LoRA steps torch's AdamW",
             "low_memory": "plain LoRA has no mask",
+            "sparse_backward": "plain LoRA has no mask",
+            "unmask_every": "plain LoRA has no mask",
             "include": "plain LoRA has no candidates",
             "exclude": "plain LoRA has no candidates",
             "dense": "plain LoRA has no candidates",
@@ -181,6 +191,8 @@ def unused_options(method: str, given: set[str]) -> list[str]:
         "score_eps": "score_eps" not in fields_of_method,
         "score_exp": "score_exp" not in fields_of_method,
         "low_memory": not cls.supports_low_memory,
+        "sparse_backward": cls.reselects or cls.trains_dense,
+        "unmask_every": not cls.grows_mask,
     }
     why = {
         "budget": "it trains a fixed set of weights",
@@ -188,6 +200,8 @@ def unused_options(method: str, given: set[str]) -> list[str]:
         "score_eps": "it has no D3 score",
         "score_exp": "it has no D3 score",
         "low_memory": "it needs every weight's gradient at once",
+        "sparse_backward": "it needs every weight's gradient every step",
+        "unmask_every": "its mask does not grow step by step",
     }
     return [
         f"--{k.replace('_', '-')} ({why[k]})" for k, skip in unused.items() if skip and k in given

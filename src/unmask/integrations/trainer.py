@@ -401,10 +401,11 @@ class UnmaskTrainer(Trainer):
             ) from err
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
-        # In low-memory mode the candidates' gradients are gone by the time the Trainer clips;
-        # the optimizer holds the norm it measured in its hooks and the gradients it will use.
+        # In low-memory mode the candidates' gradients are gone by the time the Trainer clips,
+        # and with sparse backward the selected ones live in the optimizer's slots, not in
+        # model.parameters(): the optimizer clips the gradients it will use.
         opt = unwrap_optimizer(self.optimizer)
-        if opt is not None and opt.low_memory:
+        if opt is not None and (opt.low_memory or opt.sparse_backward):
             return opt.clip_grad_norm_(self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
 
