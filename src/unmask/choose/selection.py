@@ -38,19 +38,24 @@ class KeySource:
     fill: Callable[[], Tensor]
 
 
-def select_top(sources: Sequence[KeySource], k: int, floor: float) -> Tensor:
+def select_top(
+    sources: Sequence[KeySource], k: int, floor: float, device: torch.device | None = None
+) -> Tensor:
     """Global indices (int64, ascending) of the at most `k` largest keys above `floor`.
 
     Keys that are NaN, +inf or -inf, or not strictly greater than `floor`, are never chosen, so
-    fewer than `k` indices come back when fewer keys are eligible.
+    fewer than `k` indices come back when fewer keys are eligible. `device`: where an empty
+    result lives (no key tells it); a non-empty one lives with the keys.
     """
-    return select_top_keys(sources, k, floor)[0]
+    return select_top_keys(sources, k, floor, device)[0]
 
 
-def select_top_keys(sources: Sequence[KeySource], k: int, floor: float) -> tuple[Tensor, Tensor]:
+def select_top_keys(
+    sources: Sequence[KeySource], k: int, floor: float, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """`select_top`'s indices and, in the same order, their keys (what FSDP ranks exchange)."""
     if k <= 0 or not sources:
-        return torch.empty(0, dtype=torch.long), torch.empty(0)
+        return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device)
     values, indices, hidden = [], [], []
     pooled = 0
     for source in sources:
