@@ -1,4 +1,4 @@
-"""Which backward the coming step runs: the cheaper ones, once its mask is known.
+"""Which backward the coming step runs: a cheaper one on the steps whose mask is known.
 
 `freeze_unselected` turns `requires_grad` off on the candidates that hold no selected weight
 once the mask is final (static methods from the start, increment methods after their last

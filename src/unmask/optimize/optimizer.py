@@ -191,8 +191,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         )
         super().__init__([self._slots.delta] + self._dense_params, {})
         self._built = True
+        self._inner = [o for o in (self._sparse, self._dense) if o is not None]
         self._link_param_groups()
-        self.state = WrappedState([o for o in (self._sparse, self._dense) if o is not None])
+        self.state = WrappedState(self._inner)
 
         self.steps_done = self.num_updates = self.num_skipped_steps = self.consecutive_skips = 0
         if max_nonfinite_steps < 0:
@@ -205,11 +206,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 self._selector.choose_once(None)
         self.freeze_unselected = low_memory if freeze_unselected is None else freeze_unselected
-        self.low_memory = low_memory
+        self.low_memory, self.sparse_backward = low_memory, sparse_backward
         # A weak reference: the tap must not keep a dropped optimizer alive.
         quota = weakref.WeakMethod(self._quota)
         self._tap = self._selector.tap(lambda: quota()()) if low_memory else None
-        self.sparse_backward = sparse_backward
         self._switch = BackwardSwitch(
             model,
             self._selector,
@@ -234,9 +234,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def _link_param_groups(self) -> None:
         # The inner optimizers own the hyperparameters; sharing their group dicts lets LR
         # schedulers and Trainer adjust `lr` on this object as on any torch optimizer.
-        self.param_groups = (self._sparse.param_groups if self._sparse else []) + (
-            self._dense.param_groups if self._dense else []
-        )
+        self.param_groups = [group for o in self._inner for group in o.param_groups]
 
     # ------------------------------------------------------------------ the training step
 
@@ -279,9 +277,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._selector.update(self._sparse)
         if self._dense is not None:
             self._dense.step()
-        self.num_updates += self.num_selected + (
-            0 if self.method.trains_dense else self._dense_numel
-        )
+        dense = 0 if self.method.trains_dense else self._dense_numel  # `full`: in num_selected
+        self.num_updates += self.num_selected + dense
         self.steps_done += 1
         self._clear_pending()
         self.method.clear()
@@ -335,10 +332,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """How many weights the coming step unmasks (0 before calibration)."""
         return self._selector.quota(self.steps_done, self.unmask_every) if self.calibrated else 0
 
-    # ------------------------------------------------------------------ low-memory mode
+    # ------------------------------------------------------------------ hooks and clipping
 
     def close(self) -> None:
-        """Remove the low-memory mode's gradient hooks from the model.
+        """Give the model back: remove low-memory mode's gradient hooks and the sparse backward.
 
         Call before building another optimizer on the same model. `requires_grad` flags that
         `freeze_unselected` turned off stay off (set them back with `requires_grad_(True)`).
@@ -440,17 +437,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     def allocation(self) -> dict[str, int]:
         """Per parameter name, how many of its weights may have changed (dense ones: all)."""
-        counts = self._selector.counts()
-        counts.update(
-            {n: p.numel() for n, p in zip(self._dense_names, self._dense_params, strict=True)}
-        )
-        return counts
+        dense = zip(self._dense_names, self._dense_params, strict=True)
+        return {**self._selector.counts(), **{n: p.numel() for n, p in dense}}
 
     def state_bytes(self) -> int:
         """Bytes of every persistent buffer this optimizer holds (slots and optimizer state);
         under FSDP, this rank's."""
-        inner = [o for o in (self._sparse, self._dense) if o is not None]
-        return state_bytes(self._selector.buffers(), inner)
+        return state_bytes(self._selector.buffers(), self._inner)
 
     # ------------------------------------------------------------------ results and checkpoints
 
@@ -463,10 +456,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """
         self._check_same_parameters()
         sparse, base_values = self._selector.trained()
-        replace = {
-            n: _full(p.detach()).cpu().clone()
-            for n, p in zip(self._dense_names, self._dense_params, strict=True)
-        }
+        dense = zip(self._dense_names, self._dense_params, strict=True)
+        replace = {n: _full(p.detach()).cpu().clone() for n, p in dense}
         metadata = _training_metadata(self)
         return SparseDelta.from_training(self.model, sparse, base_values, replace, metadata)
 
