@@ -14,6 +14,23 @@ from unmask.optimize.index_space import offsets_of
 from unmask.optimize.sharding import Shards, world_size
 
 
+def check_options(
+    method: Method,
+    adam_step: str,
+    total_steps: int | None,
+    low_memory: bool,
+    sparse_backward: bool,
+    unmask_every: int,
+) -> None:
+    """ValueError for a SelectiveOptimizer option that is invalid or that the method cannot
+    take (the checks below, in this order)."""
+    if adam_step not in ("per-weight", "global"):
+        raise ValueError(f"adam_step must be 'per-weight' or 'global', got {adam_step!r}")
+    check_method_options(method, total_steps, low_memory)
+    check_sparse_backward(method, sparse_backward)
+    check_unmask_every(method, unmask_every)
+
+
 def check_method_options(method: Method, total_steps: int | None, low_memory: bool) -> None:
     """ValueError for options the method cannot take, read from its capability fields."""
     if method.needs_total_steps and total_steps is None:

@@ -11,7 +11,8 @@ It composes the parts, each in its own module:
     slots           the selected weights' flat buffers: index, base value, delta
     repeat          repeat-S's active slots (the id3-repeat ablation only)
     gradient_tap    low-memory mode: gradients consumed in backward hooks
-    sparse_backward once the mask is final: only the selected weights' gradients are computed
+    backward_switch freezing and the sparse backward, on the steps whose mask is known
+    sparse_backward the backward that computes only the selected weights' gradients
     gradients       the non-finite guard and clipping
     calibration     FISH's Fisher sums over calibration batches
     sharding        FSDP2: the same selection on every rank, slots per rank
@@ -42,18 +43,17 @@ from unmask.choose.budget import Budget
 from unmask.choose.candidates import Patterns, find_candidates
 from unmask.choose.methods import Method, make_method
 from unmask.choose.schedules import Schedule, check_total_steps, get_schedule
+from unmask.optimize.backward_switch import BackwardSwitch
 from unmask.optimize.calibration import LossFn, fisher_sums
 from unmask.optimize.checkpoint import build_state_dict, restore_state_dict
 from unmask.optimize.configuration import (
-    check_method_options,
+    check_options,
     check_same_device,
     check_same_parameters,
-    check_sparse_backward,
-    check_unmask_every,
     detect_shards,
     sparse_budget,
 )
-from unmask.optimize.gradients import clip_grad_norm_, scale_to_norm, warn_or_stop
+from unmask.optimize.gradients import clip_grad_norm_, warn_or_stop
 from unmask.optimize.inner_optimizer import (
     WrappedState,
     check_finite_options,
@@ -63,8 +63,6 @@ from unmask.optimize.inner_optimizer import (
 from unmask.optimize.selector import Selector
 from unmask.optimize.sharding import full as _full
 from unmask.optimize.sharding import local as _local
-from unmask.optimize.sharding import world_size
-from unmask.optimize.sparse_backward import SparseBackward
 from unmask.store.delta import SparseDelta
 
 
@@ -93,32 +91,22 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         max_nonfinite_steps: a step whose selected or dense gradients hold NaN or inf is
             skipped with a RuntimeWarning (nothing is unmasked or updated, the step counter
             stays); after more than this many skips in a row, step() raises FloatingPointError.
-        freeze_unselected: once the selection is final (static methods from the start,
-            increment methods after their last unmask), set requires_grad=False on candidate
-            tensors that hold no selected weight, so backward stops computing their gradients.
-            None (default): on in low-memory mode, off otherwise.
-        low_memory: use each candidate tensor's gradient during backward, then free it (see
-            `gradient_tap`): peak gradient memory is one tensor's gradient plus O(B),
-            with the standard mode's selection and values. The candidates' `.grad` is then None
-            after backward: clip with this optimizer's `clip_grad_norm_`. The hooks stay on the
-            model until `close()`. Needs a method with `supports_low_memory`.
-        sparse_backward: once the mask is final (static methods from the first step, increment
-            methods after their last unmask), compute only the selected weights' gradients in
-            backward (see `unmask.optimize.sparse_backward`): the candidates of `nn.Linear` and
-            `nn.Embedding` modules stop requiring a gradient and their selected entries'
-            gradients go straight into the slots; other candidates keep the dense path. The
-            selection and the trained weights are the dense path's (up to float rounding).
-            Clipping then uses the norm of the selected weights' and dense parameters'
-            gradients (the only ones computed). Under DDP the slots' gradients are averaged
-            in step() (O(B)); wrap the model with `find_unused_parameters=True`, since the
-            sparse tensors stop requiring a gradient. Not for methods that reselect every step
-            or train densely, nor on FSDP. `close()` gives the model back.
-        unmask_every: k, for increment methods. 1 (the paper): weights are unmasked every step.
-            k > 1: on steps 0, k, 2k, ... the weights the schedule unmasks over that step and
-            the k - 1 after it are unmasked at once (|Λ| after step s never exceeds the
-            schedule's count after step min(s + k - 1, T - 1)), and the steps in between
-            rank nothing; with `sparse_backward`, those steps run the sparse backward on the
-            mask so far, and only every k-th step computes every weight's gradient.
+        freeze_unselected: once the mask is final, set requires_grad=False on the candidates
+            holding no selected weight (`unmask.optimize.backward_switch`). None (default): on
+            in low-memory mode, off otherwise.
+        low_memory: use each candidate's gradient during backward, then free it
+            (`unmask.optimize.gradient_tap`): peak gradient memory is one tensor's gradient plus
+            O(B), same selection and values. `.grad` is then None after backward: clip with
+            `clip_grad_norm_`. `close()` removes the hooks. Needs `supports_low_memory`.
+        sparse_backward: on the steps whose mask is known, compute only the selected weights'
+            gradients (`unmask.optimize.backward_switch`); the trained weights are the dense
+            path's up to float rounding, and clipping's norm is over the gradients computed.
+            Under DDP, wrap the model with `find_unused_parameters=True`. Not for methods that
+            reselect every step or train densely, nor on FSDP. `close()` gives the model back.
+        unmask_every: k, for increment methods; 1 (default) is the paper. On steps 0, k, 2k, ...
+            the weights the schedule unmasks over that step and the k - 1 after it are unmasked
+            at once (|Λ| after step s never exceeds the schedule's count after step
+            min(s + k - 1, T - 1)); the steps in between rank nothing.
         **optimizer_kwargs: passed to the wrapped optimizer (lr, weight_decay, betas, ...).
 
     Weights whose score is zero or not finite are never selected; the schedule's quota they
@@ -162,16 +150,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         unmask_every: int = 1,
         **optimizer_kwargs: Any,
     ) -> None:
-
         check_finite_options(optimizer, optimizer_kwargs)  # before anything touches the model
         self.model = model
         self.method = make_method(method, score_eps=score_eps, score_exp=score_exp, seed=seed)
         self.schedule = get_schedule(schedule)
-        if adam_step not in ("per-weight", "global"):
-            raise ValueError(f"adam_step must be 'per-weight' or 'global', got {adam_step!r}")
-        check_method_options(self.method, total_steps, low_memory)
-        check_sparse_backward(self.method, sparse_backward)
-        check_unmask_every(self.method, unmask_every)
+        check_options(
+            self.method, adam_step, total_steps, low_memory, sparse_backward, unmask_every
+        )
         self.unmask_every = unmask_every
         self.total_steps = None if total_steps is None else check_total_steps(total_steps)
         self.method.attach(model)
@@ -206,8 +191,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         )
         super().__init__([self._slots.delta] + self._dense_params, {})
         self._built = True
+        self._inner = [o for o in (self._sparse, self._dense) if o is not None]
         self._link_param_groups()
-        self.state = WrappedState([o for o in (self._sparse, self._dense) if o is not None])
+        self.state = WrappedState(self._inner)
 
         self.steps_done = self.num_updates = self.num_skipped_steps = self.consecutive_skips = 0
         if max_nonfinite_steps < 0:
@@ -220,16 +206,19 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 self._selector.choose_once(None)
         self.freeze_unselected = low_memory if freeze_unselected is None else freeze_unselected
-        self.low_memory = low_memory
-        # The tap must not keep a dropped optimizer alive: it asks for the quota through a
-        # weak reference.
+        self.low_memory, self.sparse_backward = low_memory, sparse_backward
+        # A weak reference: the tap must not keep a dropped optimizer alive.
         quota = weakref.WeakMethod(self._quota)
         self._tap = self._selector.tap(lambda: quota()()) if low_memory else None
-        self.sparse_backward = sparse_backward
-        self._backward: SparseBackward | None = None
-        self._sparse_averaged = False
-        self._freeze_if_final()
-        self._sparse_if_final()
+        self._switch = BackwardSwitch(
+            model,
+            self._selector,
+            freeze_unselected=self.freeze_unselected,
+            sparse_backward=sparse_backward,
+            unmask_every=unmask_every,
+            low_memory=low_memory,
+        )
+        self._switch.refresh(self.steps_done, self.calibrated)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built: the parameters this optimizer trains are chosen at construction
@@ -245,9 +234,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
     def _link_param_groups(self) -> None:
         # The inner optimizers own the hyperparameters; sharing their group dicts lets LR
         # schedulers and Trainer adjust `lr` on this object as on any torch optimizer.
-        self.param_groups = (self._sparse.param_groups if self._sparse else []) + (
-            self._dense.param_groups if self._dense else []
-        )
+        self.param_groups = [group for o in self._inner for group in o.param_groups]
 
     # ------------------------------------------------------------------ the training step
 
@@ -279,7 +266,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._selector.unmask(self._quota(), self._tap)
             if self._selector.num_chosen >= self.budget:
                 self.method.detach()  # the mask is final: stop gathering statistics
-            self._freeze_if_final()
+            self._switch.freeze_if_final(self.calibrated)
         elif self._repeat is not None:
             self._selector.reselect()
         # Under FSDP a rank may hold none of the selected weights yet; it still steps its (zero)
@@ -290,13 +277,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             self._selector.update(self._sparse)
         if self._dense is not None:
             self._dense.step()
-        self.num_updates += self.num_selected + (
-            0 if self.method.trains_dense else self._dense_numel
-        )
+        dense = 0 if self.method.trains_dense else self._dense_numel  # `full`: in num_selected
+        self.num_updates += self.num_selected + dense
         self.steps_done += 1
         self._clear_pending()
         self.method.clear()
-        self._sparse_if_final()
+        self._switch.prepare(self.steps_done, self.calibrated)
         return loss
 
     def _check_same_parameters(self) -> None:
@@ -305,76 +291,14 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             params = self._params + self._dense_params
             check_same_parameters(self.model, list(zip(names, params, strict=True)))
 
-    def _freeze_if_final(self) -> None:
-        if not self.freeze_unselected or not self.calibrated:
-            return
-        method = self.method
-        if method.chooses_once or (method.grows_mask and self._selector.num_chosen >= self.budget):
-            self._selector.freeze_unheld()
-
-    def _sparse_next_step(self) -> bool:
-        """Whether the coming step can run the sparse backward: its mask is already known
-        (final, or `unmask_every` > 1 and the step unmasks nothing)."""
-        method = self.method
-        if not self.sparse_backward or not self.calibrated or method.reselects:
-            return False
-        if method.chooses_once or self._selector.num_chosen >= self.budget:
-            return True
-        return self.steps_done % self.unmask_every != 0
-
-    def _sparse_if_final(self, reload: bool = False) -> None:
-        """Install the sparse backward for the coming step if it can run it (again, if the mask
-        grew or was `reload`ed); remove it before a step that ranks every weight."""
-        if not self._sparse_next_step():
-            self._remove_sparse()
-            return
-        current = self._backward
-        if current is not None and current.num_slots == self._slots.n and not reload:
-            return
-        self._remove_sparse()
-        self._backward = SparseBackward(self.model, self._params, self._slots)
-        # From now on the sparse tensors' gradients accumulate in delta.grad during backward,
-        # so gathering must not clear them; _clear_pending clears them once a step has used them.
-        self._slots.computed = frozenset(self._backward.sparse)
-        self._slots.delta.grad.zero_()
-
-    def _average_sparse_grads(self) -> None:
-        """Under DDP, average the slots' gradients that the sparse backward computed, once per
-        step (O(B); DDP itself averages only the parameters' `.grad`)."""
-        if self._backward is None or self._sparse_averaged or world_size() == 1:
-            return
-        grads = self._slots.delta.grad[: self._slots.n]
-        torch.distributed.all_reduce(grads)
-        grads.div_(world_size())
-        self._sparse_averaged = True
-
-    def _remove_sparse(self) -> None:
-        if self._backward is not None:
-            self._backward.remove()
-            self._backward = None
-            self._slots.computed = frozenset()
-
-    @property
-    def sparse_entries_computed(self) -> int:
-        """Selected-weight gradients the sparse backward computed so far (one per selected weight
-        per backward pass; 0 while it is not installed)."""
-        return 0 if self._backward is None else self._backward.entries_computed
-
-    @property
-    def sparse_names(self) -> list[str]:
-        """Candidates whose selected gradients the sparse backward computes (the others keep
-        the dense path); empty while it is not installed."""
-        return [] if self._backward is None else [self._names[i] for i in self._backward.sparse]
-
     def _gradients_finite(self) -> bool:
         """Whether every gradient that would enter the weights or the optimizer state is finite.
 
         Only selected weights and dense parameters are checked (O(B) plus the dense size):
-        weights chosen this step are finite by construction, since non-finite scores are never
-        selected. Under FSDP the answer is every rank's (collective): a non-finite gradient may
-        sit in one rank's shard only, and the ranks must skip a step together.
+        weights chosen this step are finite, since non-finite scores are never selected. Under
+        FSDP the answer is every rank's (collective): the ranks must skip a step together.
         """
-        self._average_sparse_grads()
+        self._switch.average_grads()
         finite = self._selector.gradients_finite(gather=self._tap is None) and all(
             bool(torch.isfinite(_local(p.grad)).all())
             for p in self._dense_params
@@ -405,35 +329,26 @@ class SelectiveOptimizer(torch.optim.Optimizer):
                 p.grad.detach_().zero_()
 
     def _quota(self) -> int:
-        """How many weights the coming step unmasks (0 before calibration; with
-        `unmask_every` = k, the count of steps s ... s + k - 1 on every k-th step s, else 0)."""
-        if not self.calibrated:
-            return 0
-        k, s = self.unmask_every, self.steps_done
-        if s % k:
-            return 0
-        ahead = s + k - 1 if self.total_steps is None else min(s + k - 1, self.total_steps - 1)
-        return self._selector.quota(ahead)
+        """How many weights the coming step unmasks (0 before calibration)."""
+        return self._selector.quota(self.steps_done, self.unmask_every) if self.calibrated else 0
 
-    # ------------------------------------------------------------------ low-memory mode
+    # ------------------------------------------------------------------ hooks and clipping
 
     def close(self) -> None:
-        """Remove the low-memory mode's gradient hooks from the model.
+        """Give the model back: remove low-memory mode's gradient hooks and the sparse backward.
 
         Call before building another optimizer on the same model. `requires_grad` flags that
         `freeze_unselected` turned off stay off (set them back with `requires_grad_(True)`).
         """
         if self._tap is not None:
             self._tap.close()
-        self._remove_sparse()
+        self._switch.remove()
         self.method.detach()
 
     def _clear_pending(self) -> None:
-        self._sparse_averaged = False
         if self._tap is not None:
             self._tap.clear()
-        elif self._backward is not None:
-            self._slots.delta.grad.zero_()
+        self._switch.clear()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -447,27 +362,12 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         norm before clipping. Under FSDP, the norm of the full gradients (collective).
         """
         dense = [p.grad for p in self._dense_params if p.grad is not None]
-        if self._backward is not None:
-            return self._clip_selected(dense, max_norm)
+        if self._switch.backward is not None:
+            return self._switch.clip_grad_norm_(dense, max_norm)
         if self._tap is not None:  # the candidates' gradients are gone: the tap kept the rest
             return self._tap.clip_grad_norm_(dense, max_norm)
         grads = [p.grad for p in self._params if p.grad is not None] + dense
         return clip_grad_norm_(grads, max_norm, self._shards)
-
-    def _clip_selected(self, dense: list[Tensor], max_norm: float) -> Tensor:
-        """Sparse backward's clipping: the norm of the selected weights' gradients (gathered
-        into the slots first) and the dense parameters'. The dense-path candidates' `.grad` is
-        scaled too, so that step()'s gathering reads the clipped values."""
-        self._average_sparse_grads()
-        if self._tap is None:
-            self._slots.gather_grads()
-        computed = self._slots.computed
-        dense_path = [
-            p.grad for i, p in enumerate(self._params) if p.grad is not None and i not in computed
-        ]
-        norm = clip_grad_norm_([self._slots.delta.grad, *dense], max_norm, None)
-        scale_to_norm(dense_path, norm, max_norm)
-        return norm
 
     # ------------------------------------------------------------------ calibration (FISH)
 
@@ -492,8 +392,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             )
         self._selector.choose_once(fisher)
         self.calibrated = True
-        self._freeze_if_final()
-        self._sparse_if_final()
+        self._switch.refresh(self.steps_done, self.calibrated)
 
     # ------------------------------------------------------------------ inspection
 
@@ -513,6 +412,18 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         return self._shards is not None
 
     @property
+    def sparse_names(self) -> list[str]:
+        """Candidates whose selected gradients the sparse backward computes (the others keep
+        the dense path); empty while it is not installed."""
+        return self._switch.sparse_names
+
+    @property
+    def sparse_entries_computed(self) -> int:
+        """Selected-weight gradients the sparse backward computed so far (one per selected weight
+        per backward pass; 0 while it is not installed)."""
+        return self._switch.entries_computed
+
+    @property
     def dense_names(self) -> list[str]:
         """Parameters trained whole by the wrapped optimizer (a new head; all, for `full`)."""
         return list(self._dense_names)
@@ -526,17 +437,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     def allocation(self) -> dict[str, int]:
         """Per parameter name, how many of its weights may have changed (dense ones: all)."""
-        counts = self._selector.counts()
-        counts.update(
-            {n: p.numel() for n, p in zip(self._dense_names, self._dense_params, strict=True)}
-        )
-        return counts
+        dense = zip(self._dense_names, self._dense_params, strict=True)
+        return {**self._selector.counts(), **{n: p.numel() for n, p in dense}}
 
     def state_bytes(self) -> int:
         """Bytes of every persistent buffer this optimizer holds (slots and optimizer state);
         under FSDP, this rank's."""
-        inner = [o for o in (self._sparse, self._dense) if o is not None]
-        return state_bytes(self._selector.buffers(), inner)
+        return state_bytes(self._selector.buffers(), self._inner)
 
     # ------------------------------------------------------------------ results and checkpoints
 
@@ -549,10 +456,8 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         """
         self._check_same_parameters()
         sparse, base_values = self._selector.trained()
-        replace = {
-            n: _full(p.detach()).cpu().clone()
-            for n, p in zip(self._dense_names, self._dense_params, strict=True)
-        }
+        dense = zip(self._dense_names, self._dense_params, strict=True)
+        replace = {n: _full(p.detach()).cpu().clone() for n, p in dense}
         metadata = _training_metadata(self)
         return SparseDelta.from_training(self.model, sparse, base_values, replace, metadata)
 
@@ -576,8 +481,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         restore_state_dict(self, state_dict)
         if self.method.grows_mask and self._selector.num_chosen >= self.budget:
             self.method.detach()  # resumed with a final mask: no statistics to gather
-        self._freeze_if_final()
-        self._sparse_if_final(reload=True)
+        self._switch.refresh(self.steps_done, self.calibrated, reload=True)
 
 
 def _training_metadata(opt: SelectiveOptimizer) -> dict[str, Any]:

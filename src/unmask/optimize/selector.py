@@ -71,12 +71,18 @@ class Selector:
         """Weights that train in the coming step: the chosen ones, or repeat-S's active ones."""
         return self.num_chosen if self.repeat is None else self.repeat.num_active
 
-    def quota(self, steps_done: int) -> int:
-        """How many weights step `steps_done` unmasks (increment methods; 0 once B is spent)."""
+    def quota(self, steps_done: int, unmask_every: int = 1) -> int:
+        """How many weights step `steps_done` unmasks (increment methods; 0 once B is spent).
+        With `unmask_every` = k: the schedule's count of steps s ... s + k - 1 on every k-th
+        step s (capped at the last step T - 1), else 0."""
+        k, s = unmask_every, steps_done
+        if s % k:
+            return 0
+        ahead = s + k - 1 if self.total_steps is None else min(s + k - 1, self.total_steps - 1)
         chosen = self.num_chosen  # global under FSDP
         if not self.method.grows_mask or chosen >= self.budget:
             return 0
-        target = self.schedule.cumulative(steps_done, self.budget, self.total_steps)
+        target = self.schedule.cumulative(ahead, self.budget, self.total_steps)
         return min(target, self.budget) - chosen
 
     def choose_all(self) -> None:
