@@ -156,7 +156,10 @@ class Selector:
         """Repeat-S: the budget's best weights by this step's gradients train this step."""
         grads = [p.grad for p in self.params]
         chosen = select_top(
-            self.sources(grads, exclude=False), self.budget, self.method.eligibility_floor()
+            self.sources(grads, exclude=False),
+            self.budget,
+            self.method.eligibility_floor(),
+            self.slots.offsets.device,
         )
         self.repeat.reselect(chosen)
 
@@ -172,7 +175,8 @@ class Selector:
         for i, source in sources:
             want = target * self.params[i].numel() // total - held[i]
             if want > 0:
-                chosen.append(select_top([source], min(want, k), self.method.eligibility_floor()))
+                floor = self.method.eligibility_floor()
+                chosen.append(select_top([source], min(want, k), floor, self.slots.offsets.device))
                 k -= chosen[-1].numel()
         if not chosen:
             return 0
@@ -185,7 +189,7 @@ class Selector:
         rank's shards and the same on every rank (collective)."""
         floor = self.method.eligibility_floor()
         if self.shards is None:
-            return select_top(sources, k, floor)
+            return select_top(sources, k, floor, self.slots.offsets.device)
         return self.shards.select(sources, k, floor)
 
     def sources(
