@@ -216,6 +216,21 @@ def test_resume_is_identical_to_the_uninterrupted_run():
     assert bits(resumed) == bits(model)
 
 
+def test_resume_with_another_unmask_every_is_refused():
+    model = MODELS["bert"]()
+    args = {"method": "id3", "budget": "2%", "total_steps": 4, "lr": 1e-2}
+    opt = SelectiveOptimizer(model, unmask_every=2, **args)
+    _train(model, opt, make_batches("bert", 1))
+    state = opt.state_dict()
+    opt.close()
+    other = SelectiveOptimizer(model, unmask_every=1, **args)
+    with pytest.raises(ValueError, match=r"unmask_every=2, this optimizer has unmask_every=1"):
+        other.load_state_dict(state)
+    # a checkpoint from before unmask_every existed used the paper's schedule
+    del state["unmask"]["unmask_every"]
+    other.load_state_dict(state)
+
+
 def test_clipping_uses_the_selected_gradients():
     dense_model, dense, model, opt = _pair("bert", "random")
     batch = make_batches("bert", 1)[0]

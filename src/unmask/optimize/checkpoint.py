@@ -49,6 +49,7 @@ def build_state_dict(opt: SelectiveOptimizer) -> dict[str, Any]:
         "unmask": {
             "version": STATE_VERSION,
             **_configuration(opt),
+            "unmask_every": opt.unmask_every,
             "capacity": slots.capacity,
             "num_slots": n,
             "steps_done": opt.steps_done,
@@ -129,8 +130,10 @@ def check_state_dict(opt: SelectiveOptimizer, state_dict: Any) -> None:
             f"the checkpoint lacks {missing}: it is damaged or not from SelectiveOptimizer."
             "state_dict(); resume from another checkpoint or start again"
         )
-    for key, value in mine.items():
-        if meta[key] != value:
+    # unmask_every changes which weights are unmasked when; checkpoints made before it existed
+    # used the paper's schedule (1)
+    for key, value in [*mine.items(), ("unmask_every", opt.unmask_every)]:
+        if meta.get(key, 1) != value:
             raise ValueError(
                 f"checkpoint was made with {key}={_short(meta[key])}, this optimizer has "
                 f"{key}={_short(value)}; build the optimizer with the same settings to resume"
