@@ -8,8 +8,34 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from unmask.optimize.sharding import local
+
 if TYPE_CHECKING:
+    from unmask.optimize.selector import Selector
     from unmask.optimize.sharding import Shards
+
+
+def step_is_finite(
+    selector: Selector, dense_params: list[Tensor], shards: Shards | None, gather: bool
+) -> bool:
+    """Whether every gradient that would enter the weights or the optimizer state is finite.
+
+    Only selected weights and dense parameters are checked (O(B) plus the dense size): weights
+    chosen this step are finite, since non-finite scores are never selected. `gather`: read the
+    slots' gradients from the parameters' `.grad` first. Under FSDP the answer is every rank's
+    (collective): the ranks must skip a step together.
+    """
+    finite = selector.gradients_finite(gather=gather) and all(
+        bool(torch.isfinite(local(p.grad)).all()) for p in dense_params if p.grad is not None
+    )
+    return finite if shards is None else shards.all_true(finite)
+
+
+def check_max_nonfinite_steps(value: int) -> int:
+    """`value` if it is a valid max_nonfinite_steps (>= 0), else ValueError."""
+    if value < 0:
+        raise ValueError(f"max_nonfinite_steps must be >= 0, got {value}")
+    return value
 
 
 def warn_or_stop(steps_done: int, in_a_row: int, in_all: int, max_in_a_row: int) -> None:

@@ -53,7 +53,12 @@ from unmask.optimize.configuration import (
     detect_shards,
     sparse_budget,
 )
-from unmask.optimize.gradients import clip_grad_norm_, warn_or_stop
+from unmask.optimize.gradients import (
+    check_max_nonfinite_steps,
+    clip_grad_norm_,
+    step_is_finite,
+    warn_or_stop,
+)
 from unmask.optimize.inner_optimizer import (
     WrappedState,
     check_finite_options,
@@ -62,7 +67,6 @@ from unmask.optimize.inner_optimizer import (
 )
 from unmask.optimize.selector import Selector
 from unmask.optimize.sharding import full as _full
-from unmask.optimize.sharding import local as _local
 from unmask.store.delta import SparseDelta
 
 
@@ -196,9 +200,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self.state = WrappedState(self._inner)
 
         self.steps_done = self.num_updates = self.num_skipped_steps = self.consecutive_skips = 0
-        if max_nonfinite_steps < 0:
-            raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.max_nonfinite_steps = check_max_nonfinite_steps(max_nonfinite_steps)
         self.calibrated = not self.method.needs_calibration
         if self.method.selects_all:
             self._selector.choose_all()
@@ -292,19 +294,9 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             check_same_parameters(self.model, list(zip(names, params, strict=True)))
 
     def _gradients_finite(self) -> bool:
-        """Whether every gradient that would enter the weights or the optimizer state is finite.
-
-        Only selected weights and dense parameters are checked (O(B) plus the dense size):
-        weights chosen this step are finite, since non-finite scores are never selected. Under
-        FSDP the answer is every rank's (collective): the ranks must skip a step together.
-        """
         self._switch.average_grads()
-        finite = self._selector.gradients_finite(gather=self._tap is None) and all(
-            bool(torch.isfinite(_local(p.grad)).all())
-            for p in self._dense_params
-            if p.grad is not None
-        )
-        return finite if self._shards is None else self._shards.all_true(finite)
+        gather = self._tap is None
+        return step_is_finite(self._selector, self._dense_params, self._shards, gather)
 
     def _skip_step(self) -> None:
         self._clear_pending()
@@ -419,8 +411,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
 
     @property
     def sparse_entries_computed(self) -> int:
-        """Selected-weight gradients the sparse backward computed so far (one per selected weight
-        per backward pass; 0 while it is not installed)."""
+        """Selected-weight gradients the sparse backward computed so far (0 if not installed)."""
         return self._switch.entries_computed
 
     @property
@@ -455,11 +446,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         process would make (indices of the full tensors); save it from rank 0.
         """
         self._check_same_parameters()
-        sparse, base_values = self._selector.trained()
-        dense = zip(self._dense_names, self._dense_params, strict=True)
-        replace = {n: _full(p.detach()).cpu().clone() for n, p in dense}
-        metadata = _training_metadata(self)
-        return SparseDelta.from_training(self.model, sparse, base_values, replace, metadata)
+        return _trained_delta(self)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: slots, wrapped optimizer state, counters, configuration
@@ -482,6 +469,17 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         if self.method.grows_mask and self._selector.num_chosen >= self.budget:
             self.method.detach()  # resumed with a final mask: no statistics to gather
         self._switch.refresh(self.steps_done, self.calibrated, reload=True)
+
+
+def _trained_delta(opt: SelectiveOptimizer) -> SparseDelta:
+    """`opt.delta()`: the selected weights' deltas plus the dense tensors, whole (collective
+    under FSDP)."""
+    sparse, base_values = opt._selector.trained()
+    dense = zip(opt._dense_names, opt._dense_params, strict=True)
+    replace = {n: _full(p.detach()).cpu().clone() for n, p in dense}
+    return SparseDelta.from_training(
+        opt.model, sparse, base_values, replace, _training_metadata(opt)
+    )
 
 
 def _training_metadata(opt: SelectiveOptimizer) -> dict[str, Any]:
