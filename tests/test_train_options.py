@@ -45,6 +45,14 @@ def same_delta(a: SparseDelta, b: SparseDelta) -> bool:
     )
 
 
+def assert_same_weights_close(a: SparseDelta, b: SparseDelta, rtol: float) -> None:
+    """The same selected weights, with values equal to `rtol` (atol 1e-6)."""
+    assert a.sparse.keys() == b.sparse.keys()
+    for name, (index, values) in a.sparse.items():
+        assert torch.equal(index, b.sparse[name][0]), name
+        torch.testing.assert_close(b.sparse[name][1], values, rtol=rtol, atol=1e-6)
+
+
 def test_default_options_are_the_validated_job(tiny_model_dir, reviews_csv, tmp_path):
     """Constant learning rate, no warm-up, no clipping, fp32: what the default job was tuned
     with."""
@@ -141,11 +149,7 @@ def test_low_memory_trains_the_same_weights(tiny_model_dir, reviews_csv, tmp_pat
         flags += ["--low-memory"] if low else []
         assert main(train_argv(tiny_model_dir, reviews_csv, out, *flags)) == EXIT_OK
         deltas.append(SparseDelta.from_pretrained(out / "delta"))
-    standard, low = deltas
-    assert standard.sparse.keys() == low.sparse.keys()
-    for name, (index, values) in standard.sparse.items():
-        assert torch.equal(index, low.sparse[name][0]), name
-        torch.testing.assert_close(low.sparse[name][1], values, rtol=1e-5, atol=1e-6)
+    assert_same_weights_close(*deltas, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -165,11 +169,7 @@ def test_sparse_backward_trains_the_same_weights(tiny_model_dir, reviews_csv, tm
         assert main(train_argv(tiny_model_dir, reviews_csv, out, *argv)) == EXIT_OK
         deltas.append(SparseDelta.from_pretrained(out / "delta"))
         assert json.loads((out / "report.json").read_text())["config"]["sparse_backward"] is sparse
-    dense, sparse = deltas
-    assert dense.sparse.keys() == sparse.sparse.keys()
-    for name, (index, values) in dense.sparse.items():
-        assert torch.equal(index, sparse.sparse[name][0]), name
-        torch.testing.assert_close(sparse.sparse[name][1], values, rtol=1e-4, atol=1e-6)
+    assert_same_weights_close(*deltas, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
