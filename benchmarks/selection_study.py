@@ -154,6 +154,13 @@ def experiments() -> list[Experiment]:
     for method, lrs in (("id3-snr", (3e-3, 1e-2, 3e-2)), ("random", (1e-2, 3e-2, 1e-1)),
                         ("id3", (1e-3, 3e-3, 1e-2))):  # fmt: skip
         out += [Experiment("task2", _cell(method, lr, task="uncertainty")) for lr in lrs]
+    # 7. unmask_every (issue 18): ID3 unmasking every 10th step, with the sparse backward in
+    # between, against the paper's every step; both rerun here, at ID3's tuned rate.
+    for seed in (0, 1, 2):
+        for every in (1, 10):
+            options = {"unmask_every": every, "sparse_backward": every > 1}
+            out.append(Experiment("every", _cell("id3", 3e-3, seed), options=options,
+                                  variant=f"every{every}"))  # fmt: skip
     return out
 
 
@@ -274,6 +281,7 @@ STUDY_TITLES = {
     "length": "Training length (seed 0, the 100-step rates)",
     "masks": "Static masks at their tuned rates",
     "task2": "Uncertainty's validation split",
+    "every": "ID3 unmasking every step or every 10th (sparse backward in between)",
 }
 
 
@@ -303,8 +311,8 @@ def report(out: Path) -> Path:
             f"## {title}",
             "",
             "| task | method | variant | seed | lr | steps | accuracy % | top-1% columns | "
-            "top-1% rows | pooler |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "top-1% rows | pooler | median step s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             conc = r.get("concentration") or {}
@@ -313,7 +321,7 @@ def report(out: Path) -> Path:
                 f"| {r['task']} | {r['method']} | {r['variant'] or '–'} | {r['seed']} | "
                 f"{r['lr']:g} | {r['training']['steps']} | {100 * r['value']:.2f} | "
                 f"{conc.get('top1pct_columns', '–')} | {conc.get('top1pct_rows', '–')} | "
-                f"{pooler:,} |"
+                f"{pooler:,} | {r['step_seconds_median']:.3f} |"
             )
         lines.append("")
     noise = out / "score_noise.json"
@@ -356,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--list", action="store_true")
     run.add_argument("--limit", type=int, default=None)
     run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--study", action="append", help="only this study's experiments")
     rep = sub.add_parser("report", help="write report.md from the records")
     rep.add_argument("--out", type=Path, default=RESULTS)
     noise = sub.add_parser("noise", help="score noise from one mini-batch (no training)")
@@ -385,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     records.mkdir(parents=True, exist_ok=True)
     missing = [i for i in todo if not (records / f"{i}.json").is_file()]
+    if args.study:
+        missing = [i for i in missing if todo[i].study in args.study]
     if args.list:
         for i in todo:
             print(("todo  " if i in missing else "done  ") + i)
