@@ -14,7 +14,10 @@ batch in ``--batches`` (default 4 and 16, x ``--seq-len`` 64) and every budget i
   ``sparse_backward=True``;
 - ``id3``, ``id3-sparse``: ID3 with T = ``--id3-total-steps`` (default: the warm-up steps), so
   that every measured step comes after its last unmask: this measures ID3 once its mask is
-  final, where the sparse backward applies (the unmasking steps run the dense path).
+  final, where the sparse backward applies (the unmasking steps run the dense path);
+- ``id3-every10``: ID3 with ``unmask_every=10``, ``sparse_backward=True`` and T = 20, run for
+  ``--warmup`` + 10 steps: the 10 measured steps hold one dense unmask step (step 10) and nine
+  sparse ones, and its step time is their mean (the cost of a whole cycle), not the median.
 
 Reported per variant: the median whole step (forward, backward, ``opt.step()``,
 ``opt.zero_grad()``) after ``--warmup`` steps, peak RSS (``ru_maxrss``), both as ratios to
@@ -73,8 +76,9 @@ from benchmarks.memory import PRESETS, Config, build_model, build_optimizer, mak
 
 RESULT_MARKER = "SPARSE_BACKWARD_RESULT "
 REFERENCES = ("adamw", "lora")
-SELECTIVE = ("random", "random-sparse", "pafi", "pafi-sparse", "id3", "id3-sparse")
-LINEAR_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in) of the 135M
+SELECTIVE = ("random", "random-sparse", "pafi", "pafi-sparse", "id3", "id3-sparse", "id3-every10")
+EVERY = 10  # id3-every10's unmask_every: its measured steps are one whole cycle of EVERY steps
+LINEAR_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): 135M
 CROSSOVER_FRACTIONS = [0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2]
 
 
@@ -103,11 +107,16 @@ def _selective(variant: str, model: Any, cfg: Config, id3_steps: int) -> tuple[A
 
     import unmask
 
-    method = variant.removesuffix("-sparse")
+    method = variant.removesuffix("-sparse").removesuffix(f"-every{EVERY}")
     kwargs: dict[str, Any] = {"method": method, "budget": cfg.budget, "lr": cfg.lr}
-    kwargs["sparse_backward"] = variant.endswith("-sparse")
+    kwargs["sparse_backward"] = variant != method
     kwargs["freeze_unselected"] = True  # the dense path's best: no gradient for idle tensors
-    if method == "id3":
+    if variant == "id3-every10":
+        # Two cycles: steps 0 and EVERY unmask half the budget each (dense), the others run
+        # the sparse backward on the mask so far.
+        kwargs["unmask_every"] = EVERY
+        kwargs["total_steps"] = 2 * EVERY
+    elif method == "id3":
         kwargs["total_steps"] = id3_steps
     opt = unmask.SelectiveOptimizer(model, optimizer=torch.optim.AdamW, **kwargs)
     return opt, kwargs
@@ -120,6 +129,9 @@ def run_variant(variant: str, cfg: Config, id3_steps: int) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     model = build_model(cfg)
     model.train()
+    if variant == "id3-every10":
+        # Exactly one unmask step (a multiple of EVERY) among the EVERY measured ones.
+        cfg = replace(cfg, steps=cfg.warmup + EVERY)
     batches = make_batches(cfg)
     if variant in REFERENCES:
         model, opt, info = build_optimizer(variant, model, cfg)
@@ -142,6 +154,10 @@ def run_variant(variant: str, cfg: Config, id3_steps: int) -> dict[str, Any]:
         kernel_s.append(kernel[0] - before_kernel)
     measured = slice(cfg.warmup, None)
     median = statistics.median(steps[measured])
+    if variant == "id3-every10":
+        # A cycle's dense step is one of EVERY: its cost is the mean over a whole cycle.
+        measured = slice(cfg.warmup, cfg.warmup + EVERY)
+        median = statistics.fmean(steps[measured])
     return {
         "median_step_s": median,
         "peak_rss_mb": peak_rss_mb(),

@@ -64,14 +64,18 @@ def _slot_grads(opt: SelectiveOptimizer) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_linear_entry_grads_equal_the_dense_gradient_gathered(monkeypatch, dtype):
-    monkeypatch.setattr(sb, "ROW_BLOCK", 5)  # several row blocks, some without entries
+    monkeypatch.setattr(sb, "ROW_BLOCK", 5)  # several blocks of used rows
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(13, 23, generator=g), torch.randn(13, 17, generator=g)
     flat = torch.randperm(23 * 17, generator=g)[:90].sort().values
     flat = flat[(flat // 17 < 5) | (flat // 17 >= 10)]  # rows 5..9 hold none
+    flat = flat[flat % 17 % 4 != 1]  # nor do columns 1, 5, 9, 13
     rows, cols = flat // 17, flat % 17
     pattern = sb.entry_pattern(rows, cols, (23, 17), dtype)
-    assert len(pattern) == 4
+    assert pattern.used_rows.tolist() == sorted(set(rows.tolist()))
+    assert pattern.used_cols.tolist() == sorted(set(cols.tolist()))
+    assert not set(range(5, 10)) & set(pattern.used_rows.tolist())
+    assert len(pattern.blocks) == -(-pattern.used_rows.numel() // 5)
     got = sb.linear_entry_grads(dy.bfloat16(), x, pattern, dtype)
     want = (dy.bfloat16().to(dtype).t() @ x.to(dtype)).reshape(-1)[flat]
     torch.testing.assert_close(got, want)

@@ -14,9 +14,11 @@ shares the embedding's weight, so both contributions reach the same slots.
 
 Cost and memory: the entries of a Linear weight are a sampled dense-dense matrix product (SDDMM,
 `torch.sparse.sampled_addmm`, on CPU and CUDA) over the sparsity pattern of S, built once when
-the backward is installed, in blocks of `ROW_BLOCK` rows of W; the temporaries are
-O(T · (in + ROW_BLOCK)) elements besides dY and X themselves (which the dense backward holds
-too), never out x in; the work is T·|S| multiply-adds instead of T·out·in.
+the backward is installed and compacted to the rows and columns of W that hold entries. Only
+those rows of dYᵀ and columns of X are gathered (in blocks of `ROW_BLOCK` rows): the
+temporaries are O(T · (C + ROW_BLOCK)) elements, C <= in the used columns, besides dY and X
+themselves (which the dense backward holds too), never out x in; the work is T·|S|
+multiply-adds instead of T·out·in.
 
 What keeps the dense path (its selected entries are gathered from `.grad` as before): candidates
 that are not the weight or bias of an `nn.Linear` or the weight of an `nn.Embedding` (LayerNorm,
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 
 from unmask.optimize.slots import SlotBuffers
 
-# Rows of W whose entries are computed at a time: one (ROW_BLOCK x T) copy of dY's columns.
+# Used rows of W whose entries are computed at a time: one (ROW_BLOCK x T) copy of dY's columns.
 ROW_BLOCK = 4096
 # A tensor whose selected fraction is above this keeps the dense path: the measured crossover
 # where the entry-wise gradient stops being faster than the dense weight GEMM (the measurement
@@ -54,60 +56,80 @@ MAX_DENSITY = 0.02
 @dataclass
 class Entries:
     """The selected entries of one parameter: their slots, rows and columns (int64, ascending by
-    row, then column; for a bias `cols` is unused), and for a matrix their sampling `pattern`."""
+    row, then column; for a bias `cols` is unused), and for a matrix their `pattern`."""
 
     slots: Tensor
     rows: Tensor
     cols: Tensor
-    pattern: list[tuple[int, int, Tensor]] | None = None
+    pattern: EntryPattern | None = None
+
+
+@dataclass
+class EntryPattern:
+    """Where a matrix's entries sit, compacted to the rows and columns that hold any of them.
+
+    `used_rows` (R,) / `used_cols` (C,): the matrix rows / columns holding entries, ascending;
+    `blocks`: per block of at most ROW_BLOCK used rows, (first, end) into `used_rows` and the
+    block's entries as a CSR pattern of zeros over (end - first) x C in compact coordinates,
+    in entry order.
+    """
+
+    used_rows: Tensor
+    used_cols: Tensor
+    blocks: list[tuple[int, int, Tensor]]
 
 
 def entry_pattern(
     rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype
-) -> list[tuple[int, int, Tensor]]:
-    """The entries (rows ascending) as sparse CSR patterns of blocks of ROW_BLOCK rows of a
-    `shape` matrix: (first row, last row + 1, pattern with zero values) per block holding
-    entries, in entry order."""
-    out_features, in_features = shape
+) -> EntryPattern:
+    """The `EntryPattern` of entries (rows ascending, then columns) of a `shape` matrix."""
+    used_rows, local_rows = torch.unique(rows, sorted=True, return_inverse=True)
+    used_cols, local_cols = torch.unique(cols, sorted=True, return_inverse=True)
     blocks = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        for r0 in range(0, out_features, ROW_BLOCK):
-            r1 = min(r0 + ROW_BLOCK, out_features)
-            lo, hi = torch.searchsorted(rows, torch.tensor([r0, r1], device=rows.device)).tolist()
-            if lo == hi:
-                continue
+        for r0 in range(0, used_rows.numel(), ROW_BLOCK):
+            r1 = min(r0 + ROW_BLOCK, used_rows.numel())
             edges = torch.arange(r0, r1 + 1, device=rows.device)
-            crow = torch.searchsorted(rows[lo:hi], edges)
+            crow = torch.searchsorted(local_rows, edges)
+            lo, hi = int(crow[0]), int(crow[-1])
             values = torch.zeros(hi - lo, dtype=dtype, device=rows.device)
             csr = torch.sparse_csr_tensor(
-                crow, cols[lo:hi], values, size=(r1 - r0, in_features), check_invariants=False
-            )
+                crow - lo, local_cols[lo:hi], values, size=(r1 - r0, used_cols.numel()),
+                check_invariants=False,
+            )  # fmt: skip
             blocks.append((r0, r1, csr))
-    return blocks
+    return EntryPattern(used_rows, used_cols, blocks)
 
 
-def linear_entry_grads(
-    dy: Tensor, x: Tensor, pattern: list[tuple[int, int, Tensor]], dtype: torch.dtype
-) -> Tensor:
+def linear_entry_grads(dy: Tensor, x: Tensor, pattern: EntryPattern, dtype: torch.dtype) -> Tensor:
     """g_i = Σ_t dy[t, rows_i] · x[t, cols_i] for every entry i of `pattern`, without forming
-    dyᵀx: a sampled matrix product (SDDMM, `torch.sparse.sampled_addmm`) per row block.
+    dyᵀx: a sampled matrix product (SDDMM, `torch.sparse.sampled_addmm`) per block of rows.
+
+    The product reads rows of dyᵀ and xᵀ, so both are gathered first, transposed and compacted
+    to the used rows / columns: (C x T) once and (ROW_BLOCK x T) per block. Transposing only
+    what the entries touch, rather than the whole of dy and x, is what makes this faster than
+    the dense GEMM at small counts (measured: docs/sparse_backward.md).
 
     Args:
         dy: (T, out) output gradient; x: (T, in) input.
         pattern: `entry_pattern` of the entries; dtype: the result's and arithmetic's dtype.
 
     Returns:
-        (n,) in `dtype`, in entry order. Temporaries: x in `dtype` (T x in) and one block of
-        dy's columns (ROW_BLOCK x T), besides the n results.
+        (n,) in `dtype`, in entry order. Temporaries: (C + ROW_BLOCK) x T elements in `dtype`,
+        C the used columns (at most `in`), besides the n results.
     """
-    x = x.to(dtype)
-    parts = [
-        torch.sparse.sampled_addmm(csr, dy[:, r0:r1].t().to(dtype), x, beta=0.0).values()
-        for r0, r1, csr in pattern
-    ]
-    if not parts:
+    if not pattern.blocks:
         return torch.zeros(0, dtype=dtype, device=dy.device)
+    # The product wants mat2's transpose contiguous: x_used is (C x T), passed as its view .t().
+    x_used = x.t().index_select(0, pattern.used_cols).to(dtype)
+    dy_t = dy.t()
+    parts = [
+        torch.sparse.sampled_addmm(
+            csr, dy_t.index_select(0, pattern.used_rows[r0:r1]).to(dtype), x_used.t(), beta=0.0
+        ).values()
+        for r0, r1, csr in pattern.blocks
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
