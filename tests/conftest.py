@@ -91,6 +91,22 @@ def assert_clear(message: str, what: str, fix: str) -> None:
     assert re.search(fix, message), f"does not say how to fix it ({fix!r}): {message!r}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_offline_in_tmp(tmp_path_factory):
+    """`datasets` (which reads local data files) never goes online and caches under tmp; it
+    reads these variables when first imported, which no test does before this fixture runs.
+    The variables stay set for the session, so CLI runs in subprocesses inherit them."""
+    cache = tmp_path_factory.mktemp("hf-datasets-cache")
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(HF_DATASETS_CACHE=str(cache), HF_DATASETS_OFFLINE="1")
+    yield cache
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(params=sorted(MODELS))
 def model_kind(request) -> str:
     return request.param
