@@ -353,12 +353,20 @@ def bert_sparse(bert_base):
 def launch_torchrun(script: Path, out: Path, world: int, timeout_s: float) -> float:
     """Run `script out` on `world` torchrun processes; fail the test with their output if they
     fail or run past `timeout_s` (then torchrun and its workers are killed). Returns seconds."""
+    start = time.monotonic()
+    torchrun([str(script), str(out)], world, timeout_s)
+    return time.monotonic() - start
+
+
+def torchrun(argv: list[str], world: int, timeout_s: float) -> str:
+    """Run `torchrun --standalone --nproc_per_node world argv...` (e.g. a script and its
+    arguments, or ``-m module ...``); fail the test with the output if it fails or runs past
+    `timeout_s` (then torchrun and its workers are killed). Returns stdout and stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(world), str(script), str(out),
+        "--nproc_per_node", str(world), *argv,
     ]  # fmt: skip
-    start = time.monotonic()
     # A session of its own, so a timeout can kill torchrun and both workers together.
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -372,4 +380,4 @@ def launch_torchrun(script: Path, out: Path, world: int, timeout_s: float) -> fl
         pytest.fail(f"torchrun did not finish in {timeout_s} s:\n{output[-6000:]}")
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed with exit code {proc.returncode}:\n{output[-6000:]}")
-    return time.monotonic() - start
+    return output
