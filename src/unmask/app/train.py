@@ -289,7 +289,8 @@ def _replace_progress(trainer, enabled: bool) -> None:
 
 
 def _train(trainer, checkpoint: Path | None, folder: Path) -> None:
-    """`trainer.train()`, a full disk while checkpointing reported as an OSError that says so."""
+    """`trainer.train()`, a full disk while checkpointing reported as an OSError that says so;
+    a wandb run is finished after it, whatever the outcome."""
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except (OSError, RuntimeError) as err:
@@ -300,6 +301,15 @@ def _train(trainer, checkpoint: Path | None, folder: Path) -> None:
             f"could not write a checkpoint under {folder}: the disk may be full ({err}); free "
             "some space, then run the same command with --resume"
         ) from err
+    finally:
+        # The Trainer's WandbCallback starts a run and leaves it open. Left to the interpreter's
+        # exit, the wandb service can stop before the run's closing handshake (seen here with
+        # `python -m unmask.app.cli`: the run never marked finished), and a second `run` in the
+        # same process would log into the first one's run.
+        if "wandb" in trainer.args.report_to:
+            import wandb
+
+            wandb.finish()
 
 
 def _prepare_resume(output: Path, log_path: Path, settings: dict[str, Any], writes: bool) -> Path:
