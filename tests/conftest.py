@@ -8,9 +8,11 @@ import csv
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,20 +93,36 @@ def assert_clear(message: str, what: str, fix: str) -> None:
     assert re.search(fix, message), f"does not say how to fix it ({fix!r}): {message!r}"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def datasets_offline_in_tmp(tmp_path_factory):
-    """`datasets` (which reads local data files) never goes online and caches under tmp; it
-    reads these variables when first imported, which no test does before this fixture runs.
-    The variables stay set for the session, so CLI runs in subprocesses inherit them."""
-    cache = tmp_path_factory.mktemp("hf-datasets-cache")
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE")}
-    os.environ.update(HF_DATASETS_CACHE=str(cache), HF_DATASETS_OFFLINE="1")
-    yield cache
-    for key, value in saved.items():
+_DATASETS_ENV = ("HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE")
+_saved_datasets_env: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    """`datasets` (which reads local data files) never goes online and caches under a temporary
+    folder. It reads these variables when first imported, and `transformers.Trainer` imports
+    it, so they are set here, before the test modules are collected; subprocesses (torchrun,
+    the CLI) inherit them."""
+    _saved_datasets_env.update({k: os.environ.get(k) for k in _DATASETS_ENV})
+    cache = tempfile.mkdtemp(prefix="unmask-tests-hf-datasets-")
+    os.environ.update(HF_DATASETS_CACHE=cache, HF_DATASETS_OFFLINE="1")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+    for key, value in _saved_datasets_env.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def datasets_cache() -> Path:
+    """The folder where `datasets` caches what the tests read."""
+    import datasets
+
+    assert str(datasets.config.HF_DATASETS_CACHE) == os.environ["HF_DATASETS_CACHE"]
+    return Path(os.environ["HF_DATASETS_CACHE"])
 
 
 @pytest.fixture(params=sorted(MODELS))

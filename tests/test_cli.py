@@ -674,7 +674,7 @@ def test_merge_checks_label_metadata_before_building_a_model(
 
 
 def test_csv_and_jsonl_of_the_same_rows_train_the_same_delta(
-    tiny_model_dir, tiny_csv, tmp_path, capsys, datasets_offline_in_tmp
+    tiny_model_dir, tiny_csv, tmp_path, capsys, datasets_cache
 ):
     with open(tiny_csv, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -690,7 +690,7 @@ def test_csv_and_jsonl_of_the_same_rows_train_the_same_delta(
         assert report["task"]["train"] == 96 and report["task"]["eval"] == 12
         deltas[path.suffix] = SparseDelta.from_pretrained(out / "delta")
     for builder in ("csv", "json"):  # both files were read by datasets
-        assert any((datasets_offline_in_tmp / builder).rglob("*.arrow"))
+        assert any((datasets_cache / builder).rglob("*.arrow"))
     csv_delta, jsonl_delta = deltas[".csv"], deltas[".jsonl"]
     assert csv_delta.num_weights > 0 and set(csv_delta.sparse) == set(jsonl_delta.sparse)
     for name, (indices, values) in csv_delta.sparse.items():

@@ -216,13 +216,13 @@ def test_missing_file_directory_and_bad_encoding(tmp_path):
         load_task(str(tmp_path / "latin.csv"))
 
 
-def test_files_are_read_by_datasets_into_its_cache(tmp_path, datasets_offline_in_tmp):
+def test_files_are_read_by_datasets_into_its_cache(tmp_path, datasets_cache):
     load_task(str(sentiment_csv(tmp_path)))
     load_task(
         str(write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "label": i % 2} for i in range(9)]))
     )
     for builder in ("csv", "json"):
-        cached = datasets_offline_in_tmp / builder
+        cached = datasets_cache / builder
         assert cached.is_dir() and any(cached.rglob("*.arrow")), f"no {builder} cache"
 
 

@@ -322,8 +322,10 @@ def wandb_history(path: Path) -> list[dict[str, float]]:
 def test_report_to_wandb_offline(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # the run: tmp_path/wandb/offline-run-*/
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # its logs, settings
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
     out = tmp_path / "run"
     argv = train_argv(tiny_model_dir, reviews_csv, out, "--steps", "3", "--budget", "5%")
     assert main([*argv, "--report-to", "wandb"]) == EXIT_OK
