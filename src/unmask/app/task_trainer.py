@@ -48,8 +48,9 @@ class FixedBatches(Sampler):
 def process_share(batch: list[int], rank: int, world: int) -> list[int]:
     """Process `rank`'s examples of `batch` under `world` processes: every `world`-th one from
     position `rank`, so the shares differ in size by at most one and together are the batch.
-    DDP averages the processes' mean losses, which is the batch's mean loss when the shares
-    are equal (`check_batches_split`)."""
+    DDP averages the processes' losses: a classifier's is its share's mean, so the average is
+    the batch's mean when the shares are of equal size; a causal LM's is averaged over the
+    answer tokens of all processes (`average_tokens_across_devices`), exact for any split."""
     return batch[rank::world]
 
 
@@ -59,10 +60,11 @@ def check_batches_split(batches: list[list[int]], world: int, batch_size: int) -
     small = min((len(b) for b in batches), default=world)
     if small < world:
         raise ValueError(
-            f"under {world} processes every batch is split among them, but a batch of only "
-            f"{small} example(s) (the last of an epoch, or --batch-size {batch_size}) leaves "
-            f"a process without any: use a --batch-size that is a multiple of {world}, with a "
-            "training set whose size is one too (--train-size), or fewer processes"
+            f"under {world} processes every batch is split among them, but the run has a batch "
+            f"of only {small} example(s) (--batch-size {batch_size}, or the last batch of an "
+            f"epoch), which leaves a process without any: use a --batch-size that is a "
+            f"multiple of {world}, and a training set whose size is a multiple of it "
+            "(--train-size), or fewer processes"
         )
 
 
@@ -112,13 +114,15 @@ class _TaskRun:
         """The run's fixed batches; under several processes each takes its share of every
         batch (`process_share`), so a step's batch is the same whatever the process count."""
         world, rank = self.args.world_size, self.args.process_index
-        batches = [process_share(b, rank, world) for b in self.batches] if world > 1 else None
+        batches = (
+            self.batches if world == 1 else [process_share(b, rank, world) for b in self.batches]
+        )
         # A generator of its own: iterating a DataLoader draws a seed for its workers, which
         # would otherwise come from the global generator and shift every dropout mask.
         loader = self.accelerator.prepare(
             DataLoader(
                 self.task.train,
-                batch_sampler=FixedBatches(batches or self.batches),
+                batch_sampler=FixedBatches(batches),
                 collate_fn=self._collate,
                 generator=torch.Generator().manual_seed(self.args.seed),
             )

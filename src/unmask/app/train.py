@@ -64,7 +64,10 @@ __all__ = ["Interrupted", "read_train_log", "run"]
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and write `config.output`/{delta/ (adapter/ for LoRA), train_log.jsonl,
-    report.json}; with `eval_steps`, also best_delta/ (the best validation score's)."""
+    report.json}; with `eval_steps`, also best_delta/ (the best validation score's).
+
+    Under torchrun every process runs this; process zero alone writes, and the report the
+    others return has ``delta_bytes`` None."""
     check_config(config)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
