@@ -8,9 +8,11 @@ import csv
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +91,38 @@ def assert_clear(message: str, what: str, fix: str) -> None:
     """The message names the problem (regex `what`) and the way out (regex `fix`)."""
     assert re.search(what, message), f"does not say what was wrong ({what!r}): {message!r}"
     assert re.search(fix, message), f"does not say how to fix it ({fix!r}): {message!r}"
+
+
+_DATASETS_ENV = ("HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE")
+_saved_datasets_env: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    """`datasets` (which reads local data files) never goes online and caches under a temporary
+    folder. It reads these variables when first imported, and `transformers.Trainer` imports
+    it, so they are set here, before the test modules are collected; subprocesses (torchrun,
+    the CLI) inherit them."""
+    _saved_datasets_env.update({k: os.environ.get(k) for k in _DATASETS_ENV})
+    cache = tempfile.mkdtemp(prefix="unmask-tests-hf-datasets-")
+    os.environ.update(HF_DATASETS_CACHE=cache, HF_DATASETS_OFFLINE="1")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+    for key, value in _saved_datasets_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def datasets_cache() -> Path:
+    """The folder where `datasets` caches what the tests read."""
+    import datasets
+
+    assert str(datasets.config.HF_DATASETS_CACHE) == os.environ["HF_DATASETS_CACHE"]
+    return Path(os.environ["HF_DATASETS_CACHE"])
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -337,12 +371,20 @@ def bert_sparse(bert_base):
 def launch_torchrun(script: Path, out: Path, world: int, timeout_s: float) -> float:
     """Run `script out` on `world` torchrun processes; fail the test with their output if they
     fail or run past `timeout_s` (then torchrun and its workers are killed). Returns seconds."""
+    start = time.monotonic()
+    torchrun([str(script), str(out)], world, timeout_s)
+    return time.monotonic() - start
+
+
+def torchrun(argv: list[str], world: int, timeout_s: float) -> str:
+    """Run `torchrun --standalone --nproc_per_node world argv...` (e.g. a script and its
+    arguments, or ``-m module ...``); fail the test with the output if it fails or runs past
+    `timeout_s` (then torchrun and its workers are killed). Returns stdout and stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(world), str(script), str(out),
+        "--nproc_per_node", str(world), *argv,
     ]  # fmt: skip
-    start = time.monotonic()
     # A session of its own, so a timeout can kill torchrun and both workers together.
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -356,4 +398,4 @@ def launch_torchrun(script: Path, out: Path, world: int, timeout_s: float) -> fl
         pytest.fail(f"torchrun did not finish in {timeout_s} s:\n{output[-6000:]}")
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed with exit code {proc.returncode}:\n{output[-6000:]}")
-    return time.monotonic() - start
+    return output

@@ -671,3 +671,28 @@ def test_merge_checks_label_metadata_before_building_a_model(
     assert "Traceback" not in err
     assert_clear(err, what, r"corrupt")
     assert not out.exists()
+
+
+def test_csv_and_jsonl_of_the_same_rows_train_the_same_delta(
+    tiny_model_dir, tiny_csv, tmp_path, capsys, datasets_cache
+):
+    with open(tiny_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    jsonl = tmp_path / "reviews.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    deltas = {}
+    for path in (tiny_csv, jsonl):
+        out = tmp_path / path.suffix[1:]
+        argv = train_argv(tiny_model_dir, path, out, "--steps", "3", "--budget", "2%")
+        code, err = cli(argv, capsys)
+        assert code == EXIT_OK, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["task"]["train"] == 96 and report["task"]["eval"] == 12
+        deltas[path.suffix] = SparseDelta.from_pretrained(out / "delta")
+    for builder in ("csv", "json"):  # both files were read by datasets
+        assert any((datasets_cache / builder).rglob("*.arrow"))
+    csv_delta, jsonl_delta = deltas[".csv"], deltas[".jsonl"]
+    assert csv_delta.num_weights > 0 and set(csv_delta.sparse) == set(jsonl_delta.sparse)
+    for name, (indices, values) in csv_delta.sparse.items():
+        assert torch.equal(indices, jsonl_delta.sparse[name][0])
+        assert torch.equal(values, jsonl_delta.sparse[name][1])

@@ -155,7 +155,7 @@ def test_split_column_carves_missing_splits_from_train(tmp_path):
 
 def test_split_column_errors(tmp_path):
     bad = [{"text": "a", "label": 1, "split": "holdout"}]
-    with pytest.raises(ValueError, match="line 1: split value 'holdout' is not one of"):
+    with pytest.raises(ValueError, match="b.jsonl row 1: split value 'holdout' is not one of"):
         load_task(str(write_jsonl(tmp_path / "b.jsonl", bad)))
     no_train = [{"text": "a", "label": 1, "split": "test"}]
     with pytest.raises(ValueError, match="no 'train' rows"):
@@ -183,9 +183,15 @@ def test_split_column_errors(tmp_path):
             r"cannot tell the task kind from its columns \['sentence', 'target'\]",
         ),
         ("badjson.jsonl", '{"text": "a", "label": 1}\n{"text": \n', "line 2 is not valid JSON"),
-        ("list.jsonl", '["a", 1]\n', "line 1 is a JSON list, expected an object"),
+        (
+            "list.jsonl",
+            '{"text": "a", "label": 1}\n["a", 1]\n',
+            "line 2 is a JSON list, expected an object",
+        ),
+        # one JSON array of strings: datasets reads it as a "text" column
+        ("strings.jsonl", '["a", "b"]\n', r"cannot tell the task kind from its columns \['text'\]"),
         ("array.json", '[{"text": "a", "label": 1}, 3]', "item 1 is not a JSON object"),
-        ("nolabel.csv", "text,label\na,1\nb,\nc,1\n", "line 3: empty value in column 'label'"),
+        ("nolabel.csv", "text,label\na,1\nb,\nc,1\n", "row 2: empty value in column 'label'"),
         ("nested.jsonl", '{"text": {"a": 1}, "label": 1}\n', "holds a dict"),
         ("tiny.csv", "text,label\na,1\nb,1\n", "only 2 example"),
         ("notes.txt", "hello", "unsupported file type '.txt'"),
@@ -208,6 +214,47 @@ def test_missing_file_directory_and_bad_encoding(tmp_path):
     (tmp_path / "latin.csv").write_bytes(b"text,label\ncaf\xe9,1\n")
     with pytest.raises(ValueError, match="could not read .* as UTF-8"):
         load_task(str(tmp_path / "latin.csv"))
+
+
+def test_files_are_read_by_datasets_into_its_cache(tmp_path, datasets_cache):
+    load_task(str(sentiment_csv(tmp_path)))
+    load_task(
+        str(write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "label": i % 2} for i in range(9)]))
+    )
+    for builder in ("csv", "json"):
+        cached = datasets_cache / builder
+        assert cached.is_dir() and any(cached.rglob("*.arrow")), f"no {builder} cache"
+
+
+def test_csv_values_stay_strings_as_written(tmp_path):
+    rows = [(f"{i:03d}", ["NA", "1.50"][i % 2]) for i in range(20)]
+    task = load_task(str(write_csv(tmp_path / "s.csv", ["text", "label"], rows)))
+    assert task.label_names == ["1.50", "NA"]  # no float or missing-value inference
+    assert sorted(texts(task.train + task.validation + task.test)) == [r[0] for r in rows]
+
+
+def test_csv_header_cleanup_and_blank_rows(tmp_path):
+    # spaces around names, a trailing delimiter (an unnamed column), a row of blank values
+    text = " text ,label,\n" + "".join(f"t{i},{'ab'[i % 2]},\n" for i in range(10)) + ",,\n"
+    (tmp_path / "h.csv").write_text(text, encoding="utf-8")
+    task = load_task(str(tmp_path / "h.csv"))
+    assert len(task.train) + len(task.validation) + len(task.test) == 10
+    (tmp_path / "d.csv").write_text("text,label,text\na,1,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"names column\(s\) \['text'\] more than once"):
+        load_task(str(tmp_path / "d.csv"))
+
+
+def test_malformed_csv_names_the_file_and_line(tmp_path):
+    (tmp_path / "m.csv").write_text("text,label\na,1\nb,1,extra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"could not parse .*m.csv as CSV: .*line 3"):
+        load_task(str(tmp_path / "m.csv"))
+
+
+def test_local_file_without_datasets(tmp_path, monkeypatch):
+    path = str(sentiment_csv(tmp_path))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ValueError, match="sent.csv needs the `datasets` package: pip install"):
+        load_task(path)
 
 
 def test_load_task_refuses_single_label_data(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,60 @@ def test_report_to_tensorboard(tiny_model_dir, reviews_csv, tmp_path, capsys):
         return
     assert main(argv) == EXIT_OK
     assert list((out / "checkpoints").rglob("events.out.tfevents.*"))
+
+
+def wandb_history(path: Path) -> list[dict[str, float]]:
+    """The history rows ({key: value}) of a wandb offline run file (run-<id>.wandb): a 7-byte
+    file header, then LevelDB-log framing (32 KiB blocks of chunks, each with a 7-byte header:
+    crc32, length, kind 1 full / 2 first / 3 middle / 4 last) of protobuf `Record`s."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+    rows, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zeros: the rest of the file is unwritten
+            break
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+                )
+    return rows
+
+
+def test_report_to_wandb_offline(tiny_model_dir, reviews_csv, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # the run: tmp_path/wandb/offline-run-*/
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # its logs, settings
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    out = tmp_path / "run"
+    argv = train_argv(tiny_model_dir, reviews_csv, out, "--steps", "3", "--budget", "5%")
+    assert main([*argv, "--report-to", "wandb"]) == EXIT_OK
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = [row["train/loss"] for row in wandb_history(run_file) if "train/loss" in row]
+    assert logged == pytest.approx([r["loss"] for r in steps_of(out)], abs=1e-5)
+
+
+def test_report_to_wandb_without_the_package(
+    tiny_model_dir, reviews_csv, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    argv = train_argv(tiny_model_dir, reviews_csv, tmp_path / "run", "--report-to", "wandb")
+    code, err = cli(argv, capsys)
+    assert code == EXIT_USAGE
+    assert_clear(err, r"--report-to wandb needs the wandb package", r"pip install wandb")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -3,8 +3,9 @@ and the step log cut back to it on `--resume`.
 
 A checkpoint is the Trainer's folder ``OUTPUT/checkpoints/checkpoint-<step>/``: the delta
 (``unmask_delta/``, or ``adapter_model.safetensors`` for plain LoRA), ``optimizer.pt``,
-``scheduler.pt``, ``rng_state.pth``, ``trainer_state.json``, plus ``unmask_run.json``: the
-settings of the run (`RUN_SETTINGS`), which `--resume` must match.
+``scheduler.pt``, ``rng_state.pth`` (``rng_state_<rank>.pth`` per process under torchrun),
+``trainer_state.json``, plus ``unmask_run.json``: the settings of the run (`RUN_SETTINGS`),
+which `--resume` must match.
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], int]:
             "unmask train; delete it and run without --resume"
         )
 
+    # One RNG state per process: rng_state.pth, or rng_state_<rank>.pth under several
+    rng_states = sorted(p.name for p in path.glob("rng_state*.pth") if p.is_file())
     missing = [
         name
-        for name in (RUN_FILE, "trainer_state.json", "optimizer.pt", "rng_state.pth")
+        for name in (RUN_FILE, "trainer_state.json", "optimizer.pt")
         if not (path / name).is_file()
-    ]
+    ] + ([] if rng_states else ["rng_state.pth"])
     if not ((path / "unmask_delta").is_dir() or (path / "adapter_model.safetensors").is_file()):
         missing.append("unmask_delta/")
     if missing:
@@ -108,7 +111,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], int]:
         raise damaged(f"has global_step {step!r}, not an integer >= 0")
     from transformers.trainer_pt_utils import safe_globals  # the numpy types of the RNG state
 
-    for name in ("optimizer.pt", "rng_state.pth"):
+    for name in ("optimizer.pt", *rng_states):
         try:
             with safe_globals():
                 state = torch.load(path / name, weights_only=True, map_location="cpu")

@@ -351,6 +351,8 @@ def _train(args: argparse.Namespace) -> int:
     check_config(config)  # a value of the wrong type is named before the method is looked at
     check_given_options(config.method, explicit)
     report = run(config)
+    if report["delta_bytes"] is None:  # under torchrun: process zero wrote and reports the run
+        return EXIT_OK
     metric = "accuracy" if "accuracy" in report else "exact_match"
     print(
         f"{metric} on {report['task']['eval_split']} ({report['task']['eval']} examples): "

@@ -45,6 +45,29 @@ class FixedBatches(Sampler):
         return len(self.batches)
 
 
+def process_share(batch: list[int], rank: int, world: int) -> list[int]:
+    """Process `rank`'s examples of `batch` under `world` processes: every `world`-th one from
+    position `rank`, so the shares differ in size by at most one and together are the batch.
+    DDP averages the processes' losses: a classifier's is its share's mean, so the average is
+    the batch's mean when the shares are of equal size; a causal LM's is averaged over the
+    answer tokens of all processes (`average_tokens_across_devices`), exact for any split."""
+    return batch[rank::world]
+
+
+def check_batches_split(batches: list[list[int]], world: int, batch_size: int) -> None:
+    """ValueError when a batch has fewer examples than there are processes (one would get
+    none); only the last batch of an epoch can be smaller than `batch_size`."""
+    small = min((len(b) for b in batches), default=world)
+    if small < world:
+        raise ValueError(
+            f"under {world} processes every batch is split among them, but the run has a batch "
+            f"of only {small} example(s) (--batch-size {batch_size}, or the last batch of an "
+            f"epoch), which leaves a process without any: use a --batch-size that is a "
+            f"multiple of {world}, and a training set whose size is a multiple of it "
+            "(--train-size), or fewer processes"
+        )
+
+
 class _TaskRun:
     """What `SelectiveRun` and `LoraRun` add to their Trainer: the task's batches and metric.
 
@@ -88,15 +111,27 @@ class _TaskRun:
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:
+        """The run's fixed batches; under several processes each takes its share of every
+        batch (`process_share`), so a step's batch is the same whatever the process count."""
+        world, rank = self.args.world_size, self.args.process_index
+        batches = (
+            self.batches if world == 1 else [process_share(b, rank, world) for b in self.batches]
+        )
         # A generator of its own: iterating a DataLoader draws a seed for its workers, which
         # would otherwise come from the global generator and shift every dropout mask.
-        loader = DataLoader(
-            self.task.train,
-            batch_sampler=FixedBatches(self.batches),
-            collate_fn=self._collate,
-            generator=torch.Generator().manual_seed(self.args.seed),
+        loader = self.accelerator.prepare(
+            DataLoader(
+                self.task.train,
+                batch_sampler=FixedBatches(batches),
+                collate_fn=self._collate,
+                generator=torch.Generator().manual_seed(self.args.seed),
+            )
         )
-        return self.accelerator.prepare(loader)
+        if world > 1:
+            # The batches are this process's shares already: accelerate's shard wrapper
+            # passes them through, as the Trainer makes it for its own rank-aware sampler.
+            loader.batch_sampler.num_processes, loader.batch_sampler.process_index = 1, 0
+        return loader
 
     def _collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return encode(self.tokenizer, self.task, examples, self.max_length)
@@ -192,7 +227,8 @@ class StepLog(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """A tqdm bar over the optimizer steps with the loss and the weights selected."""
+    """A tqdm bar over the optimizer steps with the loss and the weights selected, drawn by
+    process zero only."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -207,7 +243,7 @@ class Progress(TrainerCallback):
             desc="train",
             unit="step",
             dynamic_ncols=True,
-            disable=not self.enabled,
+            disable=not (self.enabled and state.is_world_process_zero),
         )
 
     def on_step_end(self, args, state, control, **kwargs):

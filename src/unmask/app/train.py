@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -33,7 +34,15 @@ from unmask.app.checkpoints import (
     read_train_log,
 )
 from unmask.app.models import add_lora, load_model, new_head_patterns, resolve_model
-from unmask.app.task_trainer import BEST, LoraRun, Progress, SelectiveRun, StepLog, StopOnSignal
+from unmask.app.task_trainer import (
+    BEST,
+    LoraRun,
+    Progress,
+    SelectiveRun,
+    StepLog,
+    StopOnSignal,
+    check_batches_split,
+)
 from unmask.app.tasks import Task
 from unmask.app.tasks.batches import batch_order
 from unmask.app.train_config import (
@@ -55,7 +64,10 @@ __all__ = ["Interrupted", "read_train_log", "run"]
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and write `config.output`/{delta/ (adapter/ for LoRA), train_log.jsonl,
-    report.json}; with `eval_steps`, also best_delta/ (the best validation score's)."""
+    report.json}; with `eval_steps`, also best_delta/ (the best validation score's).
+
+    Under torchrun every process runs this; process zero alone writes, and the report the
+    others return has ``delta_bytes`` None."""
     check_config(config)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -78,21 +90,29 @@ def run(config: TrainConfig) -> dict[str, Any]:
             f"--epochs {config.epochs} makes {total:,} steps; at most {MAX_STEPS:,} are allowed: "
             "give fewer --epochs or --steps"
         )
-    args = training_arguments(config, total, output / CHECKPOINTS)
+    args = training_arguments(config, total, output / CHECKPOINTS, task.kind)
     model.to(args.device)  # before the optimizer, whose slots live on the parameters' device
+    # Under torchrun every process runs this function; process zero alone writes files (the
+    # Trainer gates its own checkpoints the same way, with args.should_save).
+    writes = args.process_index == 0
+    batches = batch_order(len(task.train), config.batch_size, total * accumulation, config.seed)
+    if args.world_size > 1:
+        check_batches_split(batches, args.world_size, config.batch_size)
     opt = None if lora else _selective_optimizer(config, model, args, total)
     settings = _run_settings(config, total, opt.total_budget if opt else None)
 
     log_path = output / "train_log.jsonl"
     best_folder = output / BEST
-    checkpoint = _prepare_resume(output, log_path, settings) if config.resume else None
-    if checkpoint is None:  # a new run: nothing of an earlier one in this folder may mix in
+    checkpoint = _prepare_resume(output, log_path, settings, writes) if config.resume else None
+    if checkpoint is None and writes:  # a new run: nothing of an earlier one may mix in
         for stale in (output / CHECKPOINTS, best_folder):
             shutil.rmtree(stale, ignore_errors=True)
     metadata = _result_metadata(config, task)
     started = time.perf_counter()
     with (
-        open(log_path, "a" if checkpoint else "w", encoding="utf-8") as log,
+        open(
+            log_path if writes else os.devnull, "a" if checkpoint else "w", encoding="utf-8"
+        ) as log,
         StopOnSignal() as stop,
     ):
         cls = LoraRun if lora else SelectiveRun
@@ -105,9 +125,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             callbacks=[StepLog(log, bool(opt and opt.method.grows_mask)), stop],
             task=task,
             tokenizer=tokenizer,
-            batches=batch_order(
-                len(task.train), config.batch_size, total * accumulation, config.seed
-            ),
+            batches=batches,
             max_length=config.max_length,
             max_new_tokens=config.max_new_tokens,
             eval_batch_size=config.batch_size * 4,
@@ -124,12 +142,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if stop.signal is not None and done < total:
         raise Interrupted(
             f"stopped by {stop.signal} after step {done} of {total}; checkpoint written to "
-            f"{last_checkpoint(output)}; continue with the same command plus --resume"
+            f"{last_checkpoint(output) if writes else output / CHECKPOINTS}; continue with "
+            "the same command plus --resume"
         )
     split = task.test if config.eval_split == "test" else task.validation
     metric = trainer.score(split)
     result = output / ("adapter" if lora else "delta")
-    trainer.save_result(result, {})
+    if writes:
+        trainer.save_result(result, {})
     trainable = [p for p in model.parameters() if p.requires_grad]
     report = {
         "config": asdict(config),
@@ -143,17 +163,17 @@ def run(config: TrainConfig) -> dict[str, Any]:
         task.metric: metric,
         "weights_changed": opt.num_changed if opt else sum(p.numel() for p in trainable),
         "weights_total": sum(p.numel() for p in model.parameters()),
-        "delta_bytes": saved_bytes(result)
-        if opt
-        else sum(f.stat().st_size for f in result.iterdir() if f.is_file()),
+        "delta_bytes": _result_bytes(result, bool(opt)) if writes else None,
         "steps": total,
         "train_seconds": round(train_seconds, 1),
         "optimizer_state_bytes": opt.state_bytes() if opt else None,
         "device": str(args.device),
+        "processes": args.world_size,
     }
     if config.eval_steps:
         report["best"] = trainer.best
-    atomic_write_text(output / "report.json", json.dumps(report, indent=1))
+    if writes:
+        atomic_write_text(output / "report.json", json.dumps(report, indent=1))
     return report
 
 
@@ -161,8 +181,9 @@ class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after writing a resumable checkpoint."""
 
 
-def training_arguments(config: TrainConfig, total: int, folder: Path):
-    """The `TrainingArguments` of a run: `total` optimizer steps, checkpoints in `folder`."""
+def training_arguments(config: TrainConfig, total: int, folder: Path, kind: str):
+    """The `TrainingArguments` of a run of a `kind` task: `total` optimizer steps, checkpoints
+    in `folder`."""
     from transformers import TrainingArguments
 
     report_to = _report_to(config.report_to)
@@ -189,6 +210,11 @@ def training_arguments(config: TrainConfig, total: int, folder: Path):
         report_to=report_to,
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        # Under several processes the Trainer scales each one's loss by their number, as if the
+        # model divided its summed loss by the tokens of all of them (`num_items_in_batch`):
+        # causal LMs do, classification heads take their own batch's mean and would get twice
+        # the gradient under 2 processes. Alone, a process is unaffected either way.
+        average_tokens_across_devices=kind == "generation",
         **_device_options(config.device),
     )
 
@@ -249,6 +275,13 @@ def _selective_optimizer(config: TrainConfig, model, args, total: int):
     )
 
 
+def _result_bytes(folder: Path, is_delta: bool) -> int:
+    """The bytes on disk of the delta (its files) or of the adapter folder's files."""
+    if is_delta:
+        return saved_bytes(folder)
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
 def _replace_progress(trainer, enabled: bool) -> None:
     """The Trainer's own progress and printer callbacks print every log line; use ours."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -259,7 +292,8 @@ def _replace_progress(trainer, enabled: bool) -> None:
 
 
 def _train(trainer, checkpoint: Path | None, folder: Path) -> None:
-    """`trainer.train()`, a full disk while checkpointing reported as an OSError that says so."""
+    """`trainer.train()`, a full disk while checkpointing reported as an OSError that says so;
+    a wandb run is finished after it, whatever the outcome."""
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except (OSError, RuntimeError) as err:
@@ -270,15 +304,25 @@ def _train(trainer, checkpoint: Path | None, folder: Path) -> None:
             f"could not write a checkpoint under {folder}: the disk may be full ({err}); free "
             "some space, then run the same command with --resume"
         ) from err
+    finally:
+        # The Trainer's WandbCallback starts a run and leaves it open. Left to the interpreter's
+        # exit, the wandb service can stop before the run's closing handshake (seen here with
+        # `python -m unmask.app.cli`: the run never marked finished), and a second `run` in the
+        # same process would log into the first one's run.
+        if "wandb" in trainer.args.report_to:
+            import wandb
+
+            wandb.finish()
 
 
-def _prepare_resume(output: Path, log_path: Path, settings: dict[str, Any]) -> Path:
+def _prepare_resume(output: Path, log_path: Path, settings: dict[str, Any], writes: bool) -> Path:
     """The checkpoint to resume from, checked whole and against this run's settings; the step
-    log is cut back to it."""
+    log is cut back to it when this process `writes`."""
     checkpoint = last_checkpoint(output)
     saved, done = read_checkpoint(checkpoint)
     check_same_run(checkpoint, saved, settings)
-    cut_log(log_path, done)
+    if writes:
+        cut_log(log_path, done)
     return checkpoint
 
 

@@ -10,8 +10,9 @@ A `Task` holds three splits of examples:
 
 Where a task comes from, one module each: `task` (the Task itself), `builtin` (polarity,
 uncertainty, addition, plurals: data from the pinned registry packages in `unmask.app.resources`,
-nothing committed), `user_data` (local files and hub datasets), `splits` (the seeded, stratified
-splitting they share); `batches` and `evaluation` turn examples into model inputs and scores.
+nothing committed), `user_data` (local files and hub datasets: rows to a Task), `local_files`
+(a local file's rows, read by `datasets`), `splits` (the seeded, stratified splitting they
+share); `batches` and `evaluation` turn examples into model inputs and scores.
 
 Splits are fixed by the seed alone: ``train_size`` and ``eval_size`` only take a prefix of the
 train split, or of the validation and test splits, so the test set never changes when the
@@ -45,9 +46,10 @@ def load_task(
 ) -> Task:
     """Load a task by name, local file path, or Hugging Face hub dataset name.
 
-    spec: a name in BUILTIN_TASKS; a path to a ``.csv`` / ``.tsv`` (header row, UTF-8) or
-        ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of objects) file; otherwise a hub
-        dataset ``NAME`` or ``NAME:CONFIG`` (needs the `datasets` package and internet).
+    spec: a name in BUILTIN_TASKS; a path to a ``.csv`` / ``.tsv`` (header row, UTF-8; values
+        read as strings) or ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of objects)
+        file; otherwise a hub dataset ``NAME`` or ``NAME:CONFIG``. Files and hub sets are read
+        by the `datasets` package (hub sets also need internet or its cache).
     seed: fixes the split (and, for ``addition``, the problems).
     *_column: column names in files / hub sets; ignored by the built-in tasks.
     kind: "classification" or "generation"; inferred from the columns when None (text and label

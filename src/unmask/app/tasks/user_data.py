@@ -7,24 +7,16 @@ stratified (`unmask.app.tasks.splits`). Every problem is a ValueError saying wha
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from unmask.app.tasks.builtin import BUILTIN_TASKS
+from unmask.app.tasks.local_files import FILE_SUFFIXES, read_rows
 from unmask.app.tasks.splits import cut, eval_count, interleaved_order, pick, seeded_rng
 from unmask.app.tasks.task import KINDS, Task
 
-FILE_SUFFIXES = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".jsonl": "jsonl",
-    ".jsonlines": "jsonl",
-    ".json": "json",
-}
 SPLIT_COLUMN = "split"
 SPLIT_NAMES = {
     "train": "train",
@@ -43,94 +35,12 @@ def is_path(spec: str) -> bool:
 
 
 def task_from_file(path: Path, columns: dict[str, str], kind: str | None, seed: int) -> Task:
-    """A task from a local .csv / .tsv / .jsonl / .json file (see `load_task`)."""
-    rows, places = _read_file(path)
+    """A task from a local .csv / .tsv / .jsonl / .json file, read by `datasets` (see
+    `load_task`); a row is named in error messages by its number, counting data rows from 1."""
+    hint = f" (check the path; built-in tasks are {', '.join(sorted(BUILTIN_TASKS))})"
+    rows = read_rows(path, not_found_hint=hint)
+    places = [f"row {i}" for i in range(1, len(rows) + 1)]
     return _from_rows(path.stem, str(path), rows, places, columns, kind, seed)
-
-
-def _read_file(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of a local file and, per row, where it is (for error messages)."""
-    fmt = FILE_SUFFIXES.get(path.suffix.lower())
-    if not path.exists():
-        raise ValueError(
-            f"file not found: {path} (check the path; built-in tasks are "
-            f"{', '.join(sorted(BUILTIN_TASKS))})"
-        )
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a .csv, .tsv, .jsonl or .json file")
-    if fmt is None:
-        raise ValueError(
-            f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv .jsonl or .json"
-        )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"could not read {path} as UTF-8 text: {exc}") from exc
-    if not text.strip():
-        raise ValueError(f"{path} is empty; it needs a header row and at least one data row")
-    if fmt in ("csv", "tsv"):
-        rows, places = _read_csv(path, text, "\t" if fmt == "tsv" else ",")
-    elif fmt == "json" and text.lstrip().startswith("["):
-        rows, places = _read_json_array(path, text)
-    else:
-        rows, places = _read_json_lines(path, text)
-    if not rows:
-        raise ValueError(f"{path} has no data rows (empty dataset)")
-    return rows, places
-
-
-def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[dict], list[str]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows, places = [], []
-    try:
-        if not reader.fieldnames or not any(f and f.strip() for f in reader.fieldnames):
-            raise ValueError(f"{path} has no header row naming its columns")
-        reader.fieldnames = [f.strip() for f in reader.fieldnames]
-        for row in reader:
-            if not any((v or "").strip() for k, v in row.items() if k is not None):
-                continue  # blank line
-            rows.append(row)
-            places.append(f"line {reader.line_num}")
-    except csv.Error as exc:
-        raise ValueError(
-            f"could not parse {path} as CSV near line {reader.line_num}: {exc}"
-        ) from exc
-    return rows, places
-
-
-def _read_json_lines(path: Path, text: str) -> tuple[list[dict], list[str]]:
-    rows, places = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-            raise ValueError(
-                f"{path} line {lineno} is not valid JSON ({why}); expected one JSON object per line"
-            ) from None
-        if not isinstance(row, dict):
-            raise ValueError(
-                f"{path} line {lineno} is a JSON {type(row).__name__}, expected "
-                'an object like {"text": ..., "label": ...}'
-            )
-        rows.append(row)
-        places.append(f"line {lineno}")
-    return rows, places
-
-
-def _read_json_array(path: Path, text: str) -> tuple[list[dict], list[str]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
-    bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise ValueError(f"{path} item {bad} is not a JSON object; expected a list of objects")
-    return data, [f"item {i}" for i in range(len(data))]
 
 
 def _columns_of(rows: list[dict]) -> list[str]:
