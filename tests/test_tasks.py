@@ -416,3 +416,24 @@ def test_plurals_split_by_word(monkeypatch):
     assert not words["train"] & words["test"] and not words["train"] & words["validation"]
     assert 10 <= len(task.test) <= 11 and 5 <= len(task.validation) <= 6
     assert load_task("plurals") == task
+
+
+# The built-in tasks' splits are a contract: every committed benchmark record and every user's
+# held-out test set depends on them. These digests are the splits of version 0.1 (seed 0); a
+# change to the seeding, the data or the split code that moves any example fails here.
+BUILTIN_SPLIT_DIGESTS = {
+    "addition": "8012be61a4cf2eab",
+    "plurals": "e1e1e8fca6a026c7",
+    "polarity": "da5783a1872ad2f9",
+    "uncertainty": "88e2205979047a23",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_SPLIT_DIGESTS))
+def test_builtin_splits_are_those_of_version_0_1(name):
+    import hashlib
+
+    task = load_task(name, seed=0)
+    splits = [[repr(e) for e in getattr(task, s)] for s in ("train", "validation", "test")]
+    digest = hashlib.sha256(json.dumps(splits).encode()).hexdigest()[:16]
+    assert digest == BUILTIN_SPLIT_DIGESTS[name]
