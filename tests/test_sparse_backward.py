@@ -41,9 +41,29 @@ def _loss(model, batch):
     return model(**batch).loss
 
 
+def tiny_gpt2():
+    """A tiny random GPT-2: Conv1D projections (weights stored in x out), a tied LM head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=100,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+SHAPES = {**MODELS, "gpt2": tiny_gpt2}
+
+
 def _pair(kind: str, method: str, total_steps: int = 3, **kwargs):
     """(dense model, its optimizer, sparse model, its optimizer), the same weights and options."""
-    base = MODELS[kind]()
+    base = SHAPES[kind]()
     models = [copy.deepcopy(base), copy.deepcopy(base)]
     args = {**method_kwargs(method, total_steps), "lr": 1e-2, **kwargs}
     opts = [
@@ -117,6 +137,39 @@ def test_slot_gradients_equal_the_dense_path(kind, method):
     params = dict(sparse_model.named_parameters())
     assert all(params[n].grad is None and not params[n].requires_grad for n in names)
     assert sparse.sparse_entries_computed > 0
+
+
+@pytest.mark.parametrize("method", ["random", "pafi"])
+def test_conv1d_slot_gradients_equal_the_dense_path(method):
+    """GPT-2's Conv1D weights (in x out) and biases, and its tied wte / lm_head, go sparse."""
+    from transformers.pytorch_utils import Conv1D
+
+    dense_model, dense, sparse_model, sparse = _pair("gpt2", method)
+    batch = make_batches("gpt2", 1)[0]
+    _loss(dense_model, batch).backward()
+    _loss(sparse_model, batch).backward()
+    torch.testing.assert_close(_slot_grads(sparse), _slot_grads(dense), rtol=1e-5, atol=1e-7)
+    conv = {n for n, m in sparse_model.named_modules() if isinstance(m, Conv1D)}
+    held = {n for n, index in sparse.selected().items() if index.numel()}
+    in_conv = {n for n in held if n.rsplit(".", 1)[0] in conv}
+    # (random draws Conv1D weights and biases; PaFi, smallest |θ|, GPT-2's zero-initialised biases)
+    assert any(n.endswith(".bias") for n in in_conv)
+    assert method != "random" or any(n.endswith(".weight") for n in in_conv)
+    assert method != "random" or "transformer.wte.weight" in held
+    assert in_conv | ({"transformer.wte.weight"} & held) <= set(sparse.sparse_names)
+    assert sparse_model.lm_head.weight is sparse_model.transformer.wte.weight
+
+
+def test_gpt2_run_matches_the_dense_path():
+    dense_model, dense, sparse_model, sparse = _pair("gpt2", "random")
+    batches = make_batches("gpt2", STEPS)
+    _train(dense_model, dense, batches)
+    _train(sparse_model, sparse, batches)
+    want, got = snapshot(dense_model), snapshot(sparse_model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    sparse.close()
+    assert not any("forward" in vars(m) for m in sparse_model.modules())
 
 
 def test_tied_lm_head_gets_both_contributions():

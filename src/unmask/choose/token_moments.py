@@ -28,7 +28,8 @@ from torch import Tensor, nn
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
-def _conv1d_type() -> type | None:
+def conv1d_type() -> type | None:
+    """transformers' Conv1D (GPT-2: y = x W + b, W stored in x out); None without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers is optional
@@ -50,7 +51,7 @@ def covered_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters whose per-token moments `TokenMoments` can gather: those owned by
     a supported module whose own forward runs (not the out_proj of nn.MultiheadAttention, whose
     weight is used functionally)."""
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     inside_mha = {
         id(sub) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
         for sub in m.modules()
@@ -78,7 +79,7 @@ class TokenMoments:
         self._sums: dict[int, Tensor] = {}
         self._handles: list = []
         self.covered: set[int] = set()
-        conv1d = _conv1d_type()
+        conv1d = conv1d_type()
         this = weakref.ref(self)
         for module in model.modules():
             kind = _kind(module, conv1d)

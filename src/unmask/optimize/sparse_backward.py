@@ -21,8 +21,9 @@ themselves (which the dense backward holds too), never out x in; the work is T·
 multiply-adds instead of T·out·in.
 
 What keeps the dense path (its selected entries are gathered from `.grad` as before): candidates
-that are not the weight or bias of an `nn.Linear` or the weight of an `nn.Embedding` (LayerNorm,
-RMSNorm, convolutions, ...), embeddings with `max_norm`, `scale_grad_by_freq` or `sparse=True`, a
+that are not the weight or bias of an `nn.Linear` or a transformers `Conv1D` (GPT-2, whose weight
+is stored in x out: its entries' rows index the input) or the weight of an `nn.Embedding`
+(LayerNorm, RMSNorm, convolutions, ...), embeddings with `max_norm`, `scale_grad_by_freq` or `sparse=True`, a
 parameter that any unsupported module also holds, and tensors whose selected fraction exceeds
 `MAX_DENSITY` (there the dense GEMM is the faster one; see docs/sparse_backward.md).
 
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unmask.choose.token_moments import conv1d_type
 from unmask.optimize.slots import SlotBuffers
 
 # Used rows of W whose entries are computed at a time: one (ROW_BLOCK x T) copy of dY's columns.
@@ -161,7 +163,8 @@ def embedding_entry_grads(
 
 
 class _SelectedLinear(torch.autograd.Function):
-    """F.linear whose backward adds the selected entries' gradients into the slots."""
+    """F.linear (or, for a `plan.transposed` Conv1D, x W + b) whose backward adds the selected
+    entries' gradients into the slots."""
 
     @staticmethod
     def forward(
@@ -169,16 +172,21 @@ class _SelectedLinear(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.has_bias = plan, bias is not None
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight.t() if plan.transposed else weight, bias)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         plan: _Plan = ctx.plan
+        # In the (out x in) orientation of nn.Linear; a Conv1D's weight is its transpose.
+        w = weight.t() if plan.transposed else weight
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        dx = (dy @ weight.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = (dy2.t() @ x2.to(dy.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dx = (dy @ w.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy2.t() @ x2.to(dy.dtype)).to(weight.dtype)
+            dw = dw.t() if plan.transposed else dw
         db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
@@ -211,6 +219,8 @@ class _Plan:
         self, owner: SparseBackward, module: nn.Module, weight: Entries | None, bias: Entries | None
     ) -> None:
         self.owner, self.module, self.weight, self.bias = owner, module, weight, bias
+        # A Conv1D stores its weight as (in x out): its entries' rows index the input.
+        self.transposed = not isinstance(module, (nn.Linear, nn.Embedding))
 
     def _add(self, entries: Entries, grads: Tensor) -> None:
         self.owner.slots.delta.grad.index_add_(0, entries.slots, grads)
@@ -220,7 +230,8 @@ class _Plan:
         dtype = self.owner.slots.delta.dtype
         if self.weight is not None:
             w = self.weight
-            self._add(w, linear_entry_grads(dy, x, w.pattern, dtype))
+            rows_of, cols_of = (x, dy) if self.transposed else (dy, x)
+            self._add(w, linear_entry_grads(rows_of, cols_of, w.pattern, dtype))
         if self.bias is not None:
             self._add(self.bias, dy.sum(0).to(dtype).index_select(0, self.bias.rows))
 
@@ -231,11 +242,14 @@ class _Plan:
         )
 
 
-def _linear_forward(ref: weakref.ref, module: nn.Linear) -> Callable[[Tensor], Tensor]:
+def _linear_forward(ref: weakref.ref, module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The sparse forward of an nn.Linear or a Conv1D."""
+    own = type(module).forward
+
     def forward(x: Tensor) -> Tensor:
         plan = ref()
         if plan is None:  # the owner is gone (its finalizer restores the forward)
-            return F.linear(x, module.weight, module.bias)
+            return own(module, x)
         return _SelectedLinear.apply(x, module.weight, module.bias, plan.owner.anchor, plan)
 
     return forward
@@ -253,7 +267,7 @@ def _embedding_forward(ref: weakref.ref, module: nn.Embedding) -> Callable[[Tens
 
 def _supports(module: nn.Module, role: str) -> bool:
     """Whether the sparse backward computes `module`'s parameter `role`."""
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear or type(module) is conv1d_type():
         return role in ("weight", "bias")
     if type(module) is nn.Embedding:
         plain = module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
@@ -334,7 +348,7 @@ class SparseBackward:
             plan = _Plan(self, module, entries.get("weight"), entries.get("bias"))
             self._plans.append(plan)
             records.append((module, module.__dict__.get("forward")))
-            make = _linear_forward if isinstance(module, nn.Linear) else _embedding_forward
+            make = _embedding_forward if isinstance(module, nn.Embedding) else _linear_forward
             module.forward = make(weakref.ref(plan), module)
         # The sparse tensors, and the tensors holding no selected weight, need no weight gradient.
         idle = [i for i in range(len(params)) if i not in layout]
