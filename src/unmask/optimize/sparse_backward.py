@@ -23,9 +23,10 @@ multiply-adds instead of T·out·in.
 What keeps the dense path (its selected entries are gathered from `.grad` as before): candidates
 that are not the weight or bias of an `nn.Linear` or a transformers `Conv1D` (GPT-2, whose weight
 is stored in x out: its entries' rows index the input) or the weight of an `nn.Embedding`
-(LayerNorm, RMSNorm, convolutions, ...), embeddings with `max_norm`, `scale_grad_by_freq` or `sparse=True`, a
-parameter that any unsupported module also holds, and tensors whose selected fraction exceeds
-`MAX_DENSITY` (there the dense GEMM is the faster one; see docs/sparse_backward.md).
+(LayerNorm, RMSNorm, convolutions, ...), embeddings with `max_norm`, `scale_grad_by_freq` or
+`sparse=True`, a parameter that any unsupported module also holds, and tensors whose selected
+fraction exceeds `MAX_DENSITY` (there the dense GEMM is the faster one; see
+docs/sparse_backward.md).
 
 The model is changed only while this is installed: the modules' `forward` is replaced by an
 instance attribute and the sparse tensors' `requires_grad` is turned off; `remove()` (or the
