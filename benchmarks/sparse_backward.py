@@ -174,7 +174,11 @@ def run_variant(variant: str, cfg: Config, id3_steps: int) -> dict[str, Any]:
     }
 
 
-def child_main(variant: str, cfg: Config, id3_steps: int) -> int:
+def child_main(variant: str, cfg: Config, id3_steps: int, max_density: float | None) -> int:
+    if max_density is not None:
+        from unmask.optimize import sparse_backward as sb
+
+        sb.MAX_DENSITY = max_density
     with contextlib.redirect_stdout(sys.stderr):  # peft prints
         result = run_variant(variant, cfg, id3_steps)
     emit_result(RESULT_MARKER, result)
@@ -226,10 +230,14 @@ def crossover(threads: int, repeats: int) -> dict[str, Any]:
 # -------------------------------------------------------------------------- parent side
 
 
-def _in_child(variant: str, cfg: Config, id3_steps: int, timeout_s: float) -> dict[str, Any]:
+def _in_child(
+    variant: str, cfg: Config, id3_steps: int, timeout_s: float, max_density: float | None = None
+) -> dict[str, Any]:
     print(f"[sparse_backward] {cfg.model} b{cfg.batch} {cfg.budget}: {variant}", file=sys.stderr)
     args = ["--child", variant, "--child-config", json.dumps(asdict(cfg))]
     args += ["--id3-total-steps", str(id3_steps)]
+    if max_density is not None:
+        args += ["--max-density", str(max_density)]
     return run_child("benchmarks.sparse_backward", args, RESULT_MARKER, cfg.threads, timeout_s)
 
 
@@ -252,10 +260,8 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
             cells.append({"model": model, "batch": batch, "budget": None, "variants": refs})
             for budget in args.budgets:
                 bcfg = replace(cfg, budget=budget)
-                results = {
-                    v: _in_child(v, bcfg, args.id3_total_steps, args.child_timeout)
-                    for v in args.variants
-                }
+                run = (args.id3_total_steps, args.child_timeout, args.max_density)
+                results = {v: _in_child(v, bcfg, *run) for v in args.variants}
                 for r in results.values():
                     _ratios(r, refs)
                 cells.append(
@@ -335,6 +341,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None)
+    p.add_argument(
+        "--max-density", type=float, default=None,
+        help="the sparse backward's MAX_DENSITY in the selective variants (default: the library's)",
+    )  # fmt: skip
     p.add_argument("--crossover", action="store_true", help="time the kernels (see above)")
     p.add_argument("--repeats", type=int, default=9, help="crossover timings per point")
     p.add_argument("--out", type=Path, default=None)
@@ -368,7 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
-        return child_main(args.child, Config(**json.loads(args.child_config)), args.id3_total_steps)
+        cfg = Config(**json.loads(args.child_config))
+        return child_main(args.child, cfg, args.id3_total_steps, args.max_density)
     if args.report is not None:
         print(markdown(json.loads(args.report.read_text())))
         return 0
@@ -397,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": args.seq_len,
         "threads": args.threads,
         "id3_total_steps": args.id3_total_steps,
+        "max_density": args.max_density,
         "machine": machine_info(results, next(iter(results))),
         "cells": cells,
     }
