@@ -52,8 +52,8 @@ from unmask.optimize.slots import SlotBuffers
 ROW_BLOCK = 4096
 # A tensor whose selected fraction is above this keeps the dense path. 0.02 was the measured
 # crossover of the uncompacted product; the compacted one beats the dense weight GEMM up to 10%
-# (benchmarks/results/sparse_backward/crossover.json), but the whole-step benchmark was run at
-# 0.02, so raising it waits for that measurement (docs/sparse_backward.md).
+# (benchmarks/results/sparse_backward/crossover.json), yet at 0.1 ID3's whole step was not
+# faster (up to 1.19x slower at 16x64, 1%; docs/sparse_backward.md), so it stays.
 MAX_DENSITY = 0.02
 
 
