@@ -12,12 +12,19 @@ batch in ``--batches`` (default 4 and 16, x ``--seq-len`` 64) and every budget i
 - ``random``, ``pafi``: static masks, dense backward (``freeze_unselected=True``, so tensors
   without a selected weight get no gradient), and ``random-sparse``, ``pafi-sparse`` with
   ``sparse_backward=True``;
+- ``random-sparse-lora-modules``: ``random-sparse`` with the same number of weights B drawn
+  only from the weights of LoRA's target modules (everything else frozen, as peft freezes it):
+  selective fine-tuning where LoRA trains;
 - ``id3``, ``id3-sparse``: ID3 with T = ``--id3-total-steps`` (default: the warm-up steps), so
   that every measured step comes after its last unmask: this measures ID3 once its mask is
   final, where the sparse backward applies (the unmasking steps run the dense path);
 - ``id3-every10``: ID3 with ``unmask_every=10``, ``sparse_backward=True`` and T = 20, run for
   ``--warmup`` + 10 steps: the 10 measured steps hold one dense unmask step (step 10) and nine
   sparse ones, and its step time is their mean (the cost of a whole cycle), not the median.
+
+With ``--rounds R`` every model and batch runs R rounds in turn (the references, then each
+budget's variants), and every number is the median over the rounds; a ratio is taken against
+its own round's references, so the shared machine's slow drifts cancel.
 
 Reported per variant: the median whole step (forward, backward, ``opt.step()``,
 ``opt.zero_grad()``) after ``--warmup`` steps, peak RSS (``ru_maxrss``), both as ratios to
@@ -56,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -72,11 +80,22 @@ from benchmarks.harness import (
     run_child,
     write_text,
 )
-from benchmarks.memory import PRESETS, Config, build_model, build_optimizer, make_batches
+from benchmarks.memory import (
+    LORA_TARGETS,
+    PRESETS,
+    Config,
+    build_model,
+    build_optimizer,
+    make_batches,
+)
 
 RESULT_MARKER = "SPARSE_BACKWARD_RESULT "
 REFERENCES = ("adamw", "lora")
-SELECTIVE = ("random", "random-sparse", "pafi", "pafi-sparse", "id3", "id3-sparse", "id3-every10")
+SELECTIVE = (
+    "random", "random-sparse", "random-sparse-lora-modules", "pafi", "pafi-sparse", "id3",
+    "id3-sparse", "id3-every10",
+)  # fmt: skip
+LORA_MODULES = "-lora-modules"  # suffix: only LoRA's target modules' weights are candidates
 EVERY = 10  # id3-every10's unmask_every: its measured steps are one whole cycle of EVERY steps
 LINEAR_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): 135M
 CROSSOVER_FRACTIONS = [0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2]
@@ -87,10 +106,10 @@ CROSSOVER_FRACTIONS = [0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2]
 
 def _timed_kernels(seconds: list[float]) -> None:
     """Wrap the sparse backward's kernels so that their time is added to seconds[0]."""
-    from unmask.optimize import sparse_backward as sb
+    from unmask.optimize import entry_grads
 
     for name in ("linear_entry_grads", "embedding_entry_grads"):
-        inner = getattr(sb, name)
+        inner = getattr(entry_grads, name)
 
         def timed(*args: Any, _inner: Any = inner) -> Any:
             t0 = time.perf_counter()
@@ -99,7 +118,7 @@ def _timed_kernels(seconds: list[float]) -> None:
             finally:
                 seconds[0] += time.perf_counter() - t0
 
-        setattr(sb, name, timed)
+        setattr(entry_grads, name, timed)
 
 
 def _selective(variant: str, model: Any, cfg: Config, id3_steps: int) -> tuple[Any, dict]:
@@ -107,9 +126,18 @@ def _selective(variant: str, model: Any, cfg: Config, id3_steps: int) -> tuple[A
 
     import unmask
 
-    method = variant.removesuffix("-sparse").removesuffix(f"-every{EVERY}")
+    base = variant.removesuffix(LORA_MODULES)
+    method = base.removesuffix("-sparse").removesuffix(f"-every{EVERY}")
     kwargs: dict[str, Any] = {"method": method, "budget": cfg.budget, "lr": cfg.lr}
-    kwargs["sparse_backward"] = variant != method
+    kwargs["sparse_backward"] = base != method
+    if variant.endswith(LORA_MODULES):
+        # Where LoRA trains: the same B weights (a count, of the whole model), drawn only from
+        # the weights of LoRA's target modules; everything else frozen, as peft freezes it.
+        num_weights = sum(p.numel() for p in model.parameters())
+        kwargs["budget"] = unmask.resolve_budget(cfg.budget, num_weights)
+        targets = "|".join(LORA_TARGETS[cfg.model])
+        for name, p in model.named_parameters():
+            p.requires_grad_(bool(re.search(rf"\.({targets})\.weight$", name)))
     kwargs["freeze_unselected"] = True  # the dense path's best: no gradient for idle tensors
     if variant == "id3-every10":
         # Two cycles: steps 0 and EVERY unmask half the budget each (dense), the others run
@@ -189,7 +217,7 @@ def crossover(threads: int, repeats: int) -> dict[str, Any]:
     """Dense dYᵀX against `linear_entry_grads` per shape, T and selected fraction."""
     import torch
 
-    from unmask.optimize.sparse_backward import entry_pattern, linear_entry_grads
+    from unmask.optimize.entry_grads import entry_pattern, linear_entry_grads
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -248,24 +276,51 @@ def _ratios(result: dict[str, Any], refs: dict[str, dict[str, Any]]) -> None:
             result[f"{name}_vs_{ref}"] = result[key] / r[key] if ok else None
 
 
+def _over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's result over the rounds: round 0's facts, and for every timing, memory and
+    ratio the median over the rounds (each ratio taken against its own round's references, run
+    minutes apart, so that slow drifts of the shared machine cancel)."""
+    if len(rounds) == 1 or any("error" in r for r in rounds):
+        return next((r for r in rounds if "error" in r), rounds[0])
+    merged = dict(rounds[0])
+    for key in ("median_step_s", "peak_rss_mb", "kernel_share", "gradient_entries_per_step"):
+        merged[key] = statistics.median(r[key] for r in rounds)
+    for key in [k for k in rounds[0] if k.startswith(("step_vs_", "rss_vs_"))]:
+        values = [r[key] for r in rounds]
+        merged[key] = None if None in values else statistics.median(values)
+    merged["rounds"] = [
+        {k: r.get(k) for k in ("median_step_s", "peak_rss_mb", "step_vs_lora", "step_vs_adamw")}
+        for r in rounds
+    ]
+    return merged
+
+
 def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every cell's results. With --rounds R, each model and batch runs R rounds in turn; a round
+    runs the references and then every budget's variants, each in a fresh child."""
     cells = []
     for model in args.models:
         preset = PRESETS[model]
         for batch in args.batches:
             cfg = _config(args, model, preset, batch)
-            refs = {
-                v: _in_child(v, cfg, args.id3_total_steps, args.child_timeout) for v in REFERENCES
-            }
-            cells.append({"model": model, "batch": batch, "budget": None, "variants": refs})
-            for budget in args.budgets:
-                bcfg = replace(cfg, budget=budget)
-                run = (args.id3_total_steps, args.child_timeout, args.max_density)
-                results = {v: _in_child(v, bcfg, *run) for v in args.variants}
-                for r in results.values():
-                    _ratios(r, refs)
+            run = (args.id3_total_steps, args.child_timeout, args.max_density)
+            refs_rounds: list[dict[str, dict[str, Any]]] = []
+            by_budget: dict[str, list[dict[str, dict[str, Any]]]] = {b: [] for b in args.budgets}
+            for _ in range(args.rounds):
+                refs = {v: _in_child(v, cfg, *run[:2]) for v in REFERENCES}
+                refs_rounds.append(refs)
+                for budget in args.budgets:
+                    bcfg = replace(cfg, budget=budget)
+                    results = {v: _in_child(v, bcfg, *run) for v in args.variants}
+                    for r in results.values():
+                        _ratios(r, refs)
+                    by_budget[budget].append(results)
+            merged_refs = {v: _over_rounds([r[v] for r in refs_rounds]) for v in REFERENCES}
+            cells.append({"model": model, "batch": batch, "budget": None, "variants": merged_refs})
+            for budget, rounds in by_budget.items():
+                variants = {v: _over_rounds([r[v] for r in rounds]) for v in args.variants}
                 cells.append(
-                    {"model": model, "batch": batch, "budget": budget, "variants": results}
+                    {"model": model, "batch": batch, "budget": budget, "variants": variants}
                 )
     return cells
 
@@ -299,7 +354,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Sparse backward benchmark",
         "",
-        f"{report['steps']} steps ({report['warmup']} warm-up excluded), seq len "
+        f"{report['steps']} steps ({report['warmup']} warm-up excluded), "
+        f"{report.get('rounds', 1)} round(s) (medians over rounds; ratios against each round's "
+        "own references), seq len "
         f"{report['seq_len']}, {report['threads']} threads; ID3 T = {report['id3_total_steps']} "
         "(every measured step is after its last unmask). Machine: "
         f"{report['machine']['platform']}, {report['machine']['cpu_count']} CPUs, shared "
@@ -345,6 +402,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-density", type=float, default=None,
         help="the sparse backward's MAX_DENSITY in the selective variants (default: the library's)",
     )  # fmt: skip
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every model and batch's variants this many times in turn; report medians",
+    )  # fmt: skip
     p.add_argument("--crossover", action="store_true", help="time the kernels (see above)")
     p.add_argument("--repeats", type=int, default=9, help="crossover timings per point")
     p.add_argument("--out", type=Path, default=None)
@@ -368,6 +429,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variants = [v for v in args.variants.split(",") if v]
     if set(args.variants) - set(SELECTIVE) or not args.variants or not args.budgets:
         p.error(f"--variants: a comma list out of {', '.join(SELECTIVE)}; --budgets: not empty")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if not 0 <= args.warmup < args.steps:
         p.error("need 0 <= --warmup < --steps")
     if args.id3_total_steps is None:
@@ -409,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "id3_total_steps": args.id3_total_steps,
         "max_density": args.max_density,
+        "rounds": args.rounds,
         "machine": machine_info(results, next(iter(results))),
         "cells": cells,
     }

@@ -24,6 +24,7 @@ from method_matrix import method_kwargs, method_names, prepare
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unmask import METHODS, SelectiveOptimizer
+from unmask.optimize import entry_grads as eg
 from unmask.optimize import sparse_backward as sb
 
 STEPS = 6
@@ -83,24 +84,50 @@ def _slot_grads(opt: SelectiveOptimizer) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_entry_grads_equal_the_dense_gradient_gathered(monkeypatch, dtype):
-    monkeypatch.setattr(sb, "ROW_BLOCK", 5)  # several blocks of used rows
+@pytest.mark.parametrize("spread", ["few rows and columns", "most rows and columns"])
+@pytest.mark.parametrize("scratch", [False, True])
+def test_linear_entry_grads_equal_the_dense_gradient_gathered(monkeypatch, dtype, spread, scratch):
+    monkeypatch.setattr(eg, "ROW_BLOCK", 5)  # several blocks of gathered rows
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(13, 23, generator=g), torch.randn(13, 17, generator=g)
     flat = torch.randperm(23 * 17, generator=g)[:90].sort().values
-    flat = flat[(flat // 17 < 5) | (flat // 17 >= 10)]  # rows 5..9 hold none
-    flat = flat[flat % 17 % 4 != 1]  # nor do columns 1, 5, 9, 13
+    if spread == "few rows and columns":  # compacted: 6 of 23 rows, 5 of 17 columns
+        flat = flat[(flat // 17 % 4 == 0) & (flat % 17 % 4 == 0)]
+    else:  # more than half hold entries: every row and column is gathered
+        flat = flat[(flat // 17 < 5) | (flat // 17 >= 10)]  # rows 5..9 hold none
+        flat = flat[flat % 17 % 4 != 1]  # nor do columns 1, 5, 9, 13
     rows, cols = flat // 17, flat % 17
-    pattern = sb.entry_pattern(rows, cols, (23, 17), dtype)
-    assert pattern.used_rows.tolist() == sorted(set(rows.tolist()))
-    assert pattern.used_cols.tolist() == sorted(set(cols.tolist()))
-    assert not set(range(5, 10)) & set(pattern.used_rows.tolist())
-    assert len(pattern.blocks) == -(-pattern.used_rows.numel() // 5)
-    got = sb.linear_entry_grads(dy.bfloat16(), x, pattern, dtype)
+    pattern = eg.entry_pattern(rows, cols, (23, 17), dtype)
+    compacted = spread == "few rows and columns"
+    assert (pattern.all_rows, pattern.all_cols) == (not compacted, not compacted)
+    used_rows = sorted(set(rows.tolist())) if compacted else list(range(23))
+    used_cols = sorted(set(cols.tolist())) if compacted else list(range(17))
+    assert pattern.used_rows.tolist() == used_rows
+    assert pattern.used_cols.tolist() == used_cols
+    # Blocks of rows holding no entry are left out.
+    assert len(pattern.blocks) == len({used_rows.index(r) // 5 for r in rows.tolist()})
+    buffers = eg.Scratch() if scratch else None
     want = (dy.bfloat16().to(dtype).t() @ x.to(dtype)).reshape(-1)[flat]
-    torch.testing.assert_close(got, want)
-    empty = sb.entry_pattern(rows[:0], cols[:0], (23, 17), dtype)
-    assert sb.linear_entry_grads(dy, x, empty, dtype).numel() == 0
+    for _ in range(2):  # the second call reuses the scratch's buffers and shared input
+        got = eg.linear_entry_grads(dy.bfloat16(), x, pattern, dtype, buffers)
+        torch.testing.assert_close(got, want)
+    empty = eg.entry_pattern(rows[:0], cols[:0], (23, 17), dtype)
+    assert eg.linear_entry_grads(dy, x, empty, dtype).numel() == 0
+
+
+def test_scratch_transposes_a_shared_input_once_and_sees_in_place_changes():
+    scratch, x = eg.Scratch(), torch.randn(7, 4)
+    first = scratch.transposed_input(x, torch.float32)
+    assert scratch.transposed_input(x, torch.float32) is first  # q/k/v share one transpose
+    torch.testing.assert_close(first, x.t())
+    x.mul_(2)  # an in-place change bumps x's version: transposed again
+    torch.testing.assert_close(scratch.transposed_input(x, torch.float32), x.t())
+    scratch.forget()
+    y = torch.randn(7, 4)
+    torch.testing.assert_close(scratch.transposed_input(y, torch.float32), y.t())
+    # A longer batch grows the buffers.
+    z = torch.randn(30, 4)
+    torch.testing.assert_close(scratch.transposed_input(z, torch.float32), z.t())
 
 
 def test_embedding_entry_grads_equal_the_dense_gradient_gathered():
@@ -110,7 +137,7 @@ def test_embedding_entry_grads_equal_the_dense_gradient_gathered():
     dout = torch.randn(40, 6, generator=g)
     torch.nn.functional.embedding(ids, weight, padding_idx=3).backward(dout)
     flat = torch.randperm(30 * 6, generator=g)[:70].sort().values
-    got = sb.embedding_entry_grads(dout, ids, flat // 6, flat % 6, 3, torch.float32)
+    got = eg.embedding_entry_grads(dout, ids, flat // 6, flat % 6, 3, torch.float32)
     torch.testing.assert_close(got, weight.grad.reshape(-1)[flat])
     assert bool((got[(flat // 6) >= 12] == 0).all()) and got.abs().sum() > 0
 

@@ -12,13 +12,10 @@ column c) gets the sum of dOut[t, c] over the positions t holding token r, from 
 the batch's distinct tokens (never the vocab x hidden gradient); a tied LM head is a Linear that
 shares the embedding's weight, so both contributions reach the same slots.
 
-Cost and memory: the entries of a Linear weight are a sampled dense-dense matrix product (SDDMM,
-`torch.sparse.sampled_addmm`, on CPU and CUDA) over the sparsity pattern of S, built once when
-the backward is installed and compacted to the rows and columns of W that hold entries. Only
-those rows of dYᵀ and columns of X are gathered (in blocks of `ROW_BLOCK` rows): the
-temporaries are O(T · (C + ROW_BLOCK)) elements, C <= in the used columns, besides dY and X
-themselves (which the dense backward holds too), never out x in; the work is T·|S|
-multiply-adds instead of T·out·in.
+Cost and memory: the entries of a Linear weight are a sampled dense-dense matrix product over
+S's pattern, built once when the backward is installed (`unmask.optimize.entry_grads`, which
+states its temporaries: O(T · (in + ROW_BLOCK)) elements in a reused scratch, never out x in);
+the work is T·|S| multiply-adds instead of T·out·in.
 
 What keeps the dense path (its selected entries are gathered from `.grad` as before): candidates
 that are not the weight or bias of an `nn.Linear` or a transformers `Conv1D` (GPT-2, whose weight
@@ -35,7 +32,6 @@ owner being garbage-collected) puts both back. `state_dict` keys never change.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unmask.choose.token_moments import conv1d_type
+from unmask.optimize import entry_grads
+from unmask.optimize.entry_grads import EntryPattern, Scratch, entry_pattern
 from unmask.optimize.slots import SlotBuffers
 
-# Used rows of W whose entries are computed at a time: one (ROW_BLOCK x T) copy of dY's columns.
-ROW_BLOCK = 4096
 # A tensor whose selected fraction is above this keeps the dense path. 0.02 was the measured
 # crossover of the uncompacted product; the compacted one beats the dense weight GEMM up to 10%
 # (benchmarks/results/sparse_backward/crossover.json), yet at 0.1 ID3's whole step was not
@@ -66,102 +62,6 @@ class Entries:
     rows: Tensor
     cols: Tensor
     pattern: EntryPattern | None = None
-
-
-@dataclass
-class EntryPattern:
-    """Where a matrix's entries sit, compacted to the rows and columns that hold any of them.
-
-    `used_rows` (R,) / `used_cols` (C,): the matrix rows / columns holding entries, ascending;
-    `blocks`: per block of at most ROW_BLOCK used rows, (first, end) into `used_rows` and the
-    block's entries as a CSR pattern of zeros over (end - first) x C in compact coordinates,
-    in entry order.
-    """
-
-    used_rows: Tensor
-    used_cols: Tensor
-    blocks: list[tuple[int, int, Tensor]]
-
-
-def entry_pattern(
-    rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype
-) -> EntryPattern:
-    """The `EntryPattern` of entries (rows ascending, then columns) of a `shape` matrix."""
-    used_rows, local_rows = torch.unique(rows, sorted=True, return_inverse=True)
-    used_cols, local_cols = torch.unique(cols, sorted=True, return_inverse=True)
-    blocks = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        for r0 in range(0, used_rows.numel(), ROW_BLOCK):
-            r1 = min(r0 + ROW_BLOCK, used_rows.numel())
-            edges = torch.arange(r0, r1 + 1, device=rows.device)
-            crow = torch.searchsorted(local_rows, edges)
-            lo, hi = int(crow[0]), int(crow[-1])
-            values = torch.zeros(hi - lo, dtype=dtype, device=rows.device)
-            csr = torch.sparse_csr_tensor(
-                crow - lo, local_cols[lo:hi], values, size=(r1 - r0, used_cols.numel()),
-                check_invariants=False,
-            )  # fmt: skip
-            blocks.append((r0, r1, csr))
-    return EntryPattern(used_rows, used_cols, blocks)
-
-
-def linear_entry_grads(dy: Tensor, x: Tensor, pattern: EntryPattern, dtype: torch.dtype) -> Tensor:
-    """g_i = Σ_t dy[t, rows_i] · x[t, cols_i] for every entry i of `pattern`, without forming
-    dyᵀx: a sampled matrix product (SDDMM, `torch.sparse.sampled_addmm`) per block of rows.
-
-    The product reads rows of dyᵀ and xᵀ, so both are gathered first, transposed and compacted
-    to the used rows / columns: (C x T) once and (ROW_BLOCK x T) per block. Transposing only
-    what the entries touch, rather than the whole of dy and x, is what makes this faster than
-    the dense GEMM at small counts (measured: docs/sparse_backward.md).
-
-    Args:
-        dy: (T, out) output gradient; x: (T, in) input.
-        pattern: `entry_pattern` of the entries; dtype: the result's and arithmetic's dtype.
-
-    Returns:
-        (n,) in `dtype`, in entry order. Temporaries: (C + ROW_BLOCK) x T elements in `dtype`,
-        C the used columns (at most `in`), besides the n results.
-    """
-    if not pattern.blocks:
-        return torch.zeros(0, dtype=dtype, device=dy.device)
-    # The product wants mat2's transpose contiguous: x_used is (C x T), passed as its view .t().
-    x_used = x.t().index_select(0, pattern.used_cols).to(dtype)
-    dy_t = dy.t()
-    parts = [
-        torch.sparse.sampled_addmm(
-            csr, dy_t.index_select(0, pattern.used_rows[r0:r1]).to(dtype), x_used.t(), beta=0.0
-        ).values()
-        for r0, r1, csr in pattern.blocks
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def embedding_entry_grads(
-    dout: Tensor,
-    ids: Tensor,
-    rows: Tensor,
-    cols: Tensor,
-    padding_idx: int | None,
-    dtype: torch.dtype,
-) -> Tensor:
-    """g_i = Σ_{t: ids[t] = rows_i} dout[t, cols_i] for every entry i (0 for the padding row).
-
-    Args:
-        dout: (N, H) gradient of the looked-up rows; ids: (N,) the token ids.
-        rows, cols: (n,) int64 entry coordinates (token, column).
-
-    Returns:
-        (n,) in `dtype`; temporaries O(N · H + n) (a sum per distinct token of the batch).
-    """
-    tokens, where = torch.unique(ids, sorted=True, return_inverse=True)
-    compact = torch.zeros(tokens.numel(), dout.shape[1], dtype=dtype, device=dout.device)
-    compact.index_add_(0, where, dout.to(dtype))
-    pos = torch.searchsorted(tokens, rows).clamp_(max=tokens.numel() - 1)
-    hit = tokens[pos] == rows
-    if padding_idx is not None:
-        hit &= rows != padding_idx
-    return torch.where(hit, compact[pos, cols], torch.zeros((), dtype=dtype, device=dout.device))
 
 
 class _SelectedLinear(torch.autograd.Function):
@@ -233,15 +133,19 @@ class _Plan:
         if self.weight is not None:
             w = self.weight
             rows_of, cols_of = (x, dy) if self.transposed else (dy, x)
-            self._add(w, linear_entry_grads(rows_of, cols_of, w.pattern, dtype))
+            grads = entry_grads.linear_entry_grads(
+                rows_of, cols_of, w.pattern, dtype, self.owner.scratch
+            )
+            self._add(w, grads)
         if self.bias is not None:
             self._add(self.bias, dy.sum(0).to(dtype).index_select(0, self.bias.rows))
 
     def add_embedding(self, dout: Tensor, ids: Tensor) -> None:
         w, dtype = self.weight, self.owner.slots.delta.dtype
-        self._add(
-            w, embedding_entry_grads(dout, ids, w.rows, w.cols, self.module.padding_idx, dtype)
+        grads = entry_grads.embedding_entry_grads(
+            dout, ids, w.rows, w.cols, self.module.padding_idx, dtype
         )
+        self._add(w, grads)
 
 
 def _linear_forward(ref: weakref.ref, module: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -252,6 +156,7 @@ def _linear_forward(ref: weakref.ref, module: nn.Module) -> Callable[[Tensor], T
         plan = ref()
         if plan is None:  # the owner is gone (its finalizer restores the forward)
             return own(module, x)
+        plan.owner.scratch.forget()  # a new forward: the inputs it transposed may change
         return _SelectedLinear.apply(x, module.weight, module.bias, plan.owner.anchor, plan)
 
     return forward
@@ -328,6 +233,7 @@ class SparseBackward:
         self.slots = slots
         self.num_slots = slots.n  # the mask this was built for (it only grows)
         self.entries_computed = 0
+        self.scratch = Scratch()
         # Makes autograd call the sparse backward even where no input requires a gradient (the
         # first layer); it never gets a gradient itself.
         self.anchor = torch.zeros((), device=slots.delta.device, requires_grad=True)
