@@ -217,7 +217,7 @@ def crossover(threads: int, repeats: int) -> dict[str, Any]:
     """Dense dYᵀX against `linear_entry_grads` per shape, T and selected fraction."""
     import torch
 
-    from unmask.optimize.entry_grads import entry_pattern, linear_entry_grads
+    from unmask.optimize.entry_grads import Scratch, entry_pattern, linear_entry_grads
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -241,9 +241,15 @@ def crossover(threads: int, repeats: int) -> dict[str, Any]:
                 n = max(1, int(fraction * out * inn))
                 flat = torch.randperm(out * inn, generator=gen)[:n].sort().values
                 pattern = entry_pattern(flat // inn, flat % inn, (out, inn), torch.float32)
-                sparse = fastest_s(
-                    lambda dy=dy, x=x, p=pattern: linear_entry_grads(dy, x, p, torch.float32)
-                )
+                # Kept buffers, as in training (the first, warm-up call allocates them); the
+                # shared input is forgotten, as every forward does.
+                scratch = Scratch()
+
+                def sparse_call(dy=dy, x=x, p=pattern, scratch=scratch):
+                    scratch.forget()
+                    return linear_entry_grads(dy, x, p, torch.float32, scratch)
+
+                sparse = fastest_s(sparse_call)
                 rows.append(
                     {"tokens": tokens, "out": out, "in": inn, "fraction": fraction,
                      "dense_s": dense, "sparse_s": sparse, "ratio": sparse / dense}

@@ -46,10 +46,9 @@ from unmask.optimize import entry_grads
 from unmask.optimize.entry_grads import EntryPattern, Scratch, entry_pattern
 from unmask.optimize.slots import SlotBuffers
 
-# A tensor whose selected fraction is above this keeps the dense path. 0.02 was the measured
-# crossover of the uncompacted product; the compacted one beats the dense weight GEMM up to 10%
-# (benchmarks/results/sparse_backward/crossover.json), yet at 0.1 ID3's whole step was not
-# faster (up to 1.19x slower at 16x64, 1%; docs/sparse_backward.md), so it stays.
+# A tensor whose selected fraction is above this keeps the dense path: the measured crossover,
+# the largest fraction at which the entry kernel beat the dense weight GEMM on every Linear
+# shape of the 135M model at T = 256 and 1024 (benchmarks/results/sparse_backward/crossover.json).
 MAX_DENSITY = 0.02
 
 
