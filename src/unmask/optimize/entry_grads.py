@@ -86,7 +86,8 @@ class Scratch:
 
     Holds at most 2 x ROW_BLOCK x T + 4 x (max in) x T elements for the largest T seen,
     allocated on first use and grown when a longer batch comes. `forget()` drops the shared
-    transposed input (call it whenever the inputs may change: every forward).
+    transposed input (call it whenever the inputs may change: every forward). One backward at
+    a time: two threads running backward through the same model would share the buffers.
     """
 
     def __init__(self) -> None:
