@@ -1,19 +1,27 @@
 """Every method still selects and trains exactly what the recorded 0.1 run did (see
-behaviour_snapshot.py), and a checkpoint written by 0.1 still loads and resumes bit-identically."""
+behaviour_snapshot.py), and a checkpoint written by 0.1 still loads and resumes to the end of
+the run it was cut from."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-from behaviour_snapshot import GOLDEN, _changed, _configs, run
+from behaviour_snapshot import GOLDEN, _changed, _configs, deviation, run
 from conftest import make_batches, snapshot, tiny_bert
 
 from unmask import SelectiveOptimizer
 
 RECORDED = json.loads((GOLDEN / "behaviour.json").read_text())
+# Where another float path rounds differently, `deviation` (a share of the most the weights can
+# move) may be at most this. A projection's own size is no scale: it can cancel to near zero.
+# Measured on an AVX2 CPU against the AVX-512 recording (`python tests/behaviour_snapshot.py
+# compare`): 401 tensors differ in bits, at most 3.0e-4 for BERT's key bias under full
+# fine-tuning (its gradient is zero in exact arithmetic, softmax ignores it, so it trains on
+# rounding noise), 3.3e-5 for every other tensor. A changed update rule moves weights by a share
+# of LR at every step, far above it; selections are compared exactly.
+ROUNDING = 1e-3
 
 
 def _assert_same_changes(got: dict, expected: dict, what: str) -> None:
@@ -22,8 +30,8 @@ def _assert_same_changes(got: dict, expected: dict, what: str) -> None:
         have = got[name]
         assert have["indices"] == want["indices"], f"{what}: {name} changed other weights"
         if have["sha256"] != want["sha256"]:  # another float path: compare to a tolerance
-            for a, b in zip(have["projections"], want["projections"], strict=True):
-                assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), f"{what}: {name} values"
+            share = deviation(have, want)
+            assert share <= ROUNDING, f"{what}: {name} values ({share:.1e} of what they can move)"
 
 
 def test_every_recorded_configuration_is_still_generated():
