@@ -268,10 +268,11 @@ def _trainer_args(train: argparse.ArgumentParser, defaults, choices) -> None:
     )
     train.add_argument(
         "--sparse-backward",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=defaults.sparse_backward,
         help="once the mask is final, compute only the selected weights' gradients "
-        "(docs/sparse_backward.md)",
+        "(docs/sparse_backward.md; default: on for masks chosen before training, such as "
+        "random and pafi, off for growing ones such as id3)",
     )
     train.add_argument(
         "--unmask-every",

@@ -190,8 +190,9 @@ class LoraRun(_TaskRun, Trainer):
 
 class StepLog(TrainerCallback):
     """Writes train_log.jsonl: a record per optimizer step ("step" counts from 0; loss,
-    learning rate, gradient norm when clipping, and for selective methods the weights selected
-    and those the schedule allows), and one per evaluation (``eval_<metric>``)."""
+    learning rate, gradient norm when clipping, and for selective methods the weights selected,
+    those the schedule allows and the tensors on the sparse backward), and one per evaluation
+    (``eval_<metric>``)."""
 
     def __init__(self, file, grows_mask: bool) -> None:
         self.file = file
@@ -217,6 +218,8 @@ class StepLog(TrainerCallback):
                     if self.grows_mask
                     else opt.num_selected
                 )
+                # tensors whose selected gradients the sparse backward computes next
+                record["sparse_tensors"] = len(opt.sparse_names)
         else:
             evals = {k: v for k, v in logs.items() if k.startswith("eval_")}
             if not evals:

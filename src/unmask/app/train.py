@@ -52,6 +52,7 @@ from unmask.app.train_config import (
     check_config,
     check_max_length,
     load_task_for,
+    resolve_defaults,
 )
 from unmask.choose.methods import METHODS
 from unmask.integrations.peft import peft_candidates
@@ -69,6 +70,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     Under torchrun every process runs this; process zero alone writes, and the report the
     others return has ``delta_bytes`` None."""
     check_config(config)
+    config = resolve_defaults(config)  # the report and the resume check see what ran
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     output = Path(config.output)

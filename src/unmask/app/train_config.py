@@ -62,8 +62,9 @@ class TrainConfig:
     # Which weights compete (SelectiveOptimizer's options); regex patterns on parameter names.
     low_memory: bool = False
     # Only the selected weights' gradients in backward, once the mask is final
-    # (docs/sparse_backward.md); unmask_every: a growing mask unmasks every k-th step.
-    sparse_backward: bool = False
+    # (docs/sparse_backward.md); None: the method's default (`resolve_defaults`).
+    # unmask_every: a growing mask unmasks every k-th step.
+    sparse_backward: bool | None = None
     unmask_every: int = 1
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -208,6 +209,23 @@ def unused_options(method: str, given: set[str]) -> list[str]:
     ]
 
 
+def resolve_defaults(config: TrainConfig) -> TrainConfig:
+    """`config` with the options left to the method (None) decided.
+
+    `sparse_backward` is on for a method whose mask is chosen before training
+    (`Method.chooses_once`: random, pafi, bitfit, fish), where the benchmark measured the
+    sparse step faster than the dense one in every cell (0.69-0.86x;
+    benchmarks/results/sparse_backward); off for growing masks, whose final-mask step was once
+    slower (1.03x, id3_dense_vs_sparse/), for the other methods and for LoRA. The library's
+    own default stays off (docs/sparse_backward.md says why); the CLI owns its training loop,
+    which clips through the optimizer.
+    """
+    if config.sparse_backward is not None:
+        return config
+    method = METHODS.get(config.method)
+    return replace(config, sparse_backward=method is not None and method.chooses_once)
+
+
 def check_given_options(method: str, given: set[str]) -> None:
     """Refuse options set explicitly that `method` would silently ignore."""
     unused = unused_options(method, given)
@@ -260,6 +278,7 @@ _ALLOWED_TYPES: dict[str, tuple] = {
         "float": (float,),
         "int": (int,),
         "bool": (bool,),
+        "bool | None": (bool, None),
         "int | None": (int, None),
         "str | None": (str, int, float, None),  # budget: "0.1%", 50000 or 0.001
         "list[str] | None": (list, None),
