@@ -29,6 +29,8 @@ class BackwardSwitch:
         selector: the optimizer's selection (method, budget, candidates, slots).
         freeze_unselected, sparse_backward, unmask_every: the optimizer's options.
         low_memory: whether a gradient tap gathers (and clears) the slots' gradients.
+        freeze_idle: whether the sparse backward freezes, while installed, the candidates holding
+            no selected weight (the optimizer: unless freeze_unselected=False was asked for).
 
     It holds no reference to the optimizer, so dropping the optimizer drops the sparse backward,
     whose finalizer gives the model back.
@@ -46,8 +48,10 @@ class BackwardSwitch:
         sparse_backward: bool,
         unmask_every: int,
         low_memory: bool,
+        freeze_idle: bool = True,
     ) -> None:
         self.model, self.selector = model, selector
+        self.freeze_idle = freeze_idle
         self.freeze_unselected, self.sparse_backward = freeze_unselected, sparse_backward
         self.unmask_every, self.low_memory = unmask_every, low_memory
         self.backward: SparseBackward | None = None
@@ -82,7 +86,9 @@ class BackwardSwitch:
         if self.backward is not None and self.backward.num_slots == slots.n and not reload:
             return
         self.remove()
-        self.backward = SparseBackward(self.model, self.selector.params, slots)
+        self.backward = SparseBackward(
+            self.model, self.selector.params, slots, freeze_idle=self.freeze_idle
+        )
         # From now on the sparse tensors' gradients accumulate in delta.grad during backward,
         # so gathering must not clear them; clear() clears them once a step has used them.
         slots.computed = frozenset(self.backward.sparse)

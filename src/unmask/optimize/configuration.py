@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from unmask.choose.budget import Budget, resolve_budget
 from unmask.choose.candidates import Candidates
 from unmask.choose.methods import Method
+from unmask.optimize import sparse_backward
 from unmask.optimize.index_space import offsets_of
 from unmask.optimize.sharding import Shards, world_size
 
@@ -98,6 +99,17 @@ def check_sparse_backward(method: Method, sparse_backward: bool) -> None:
             f"sparse_backward=True is not available for method {method.name!r}: it {what}, so "
             "every weight's gradient is needed; use sparse_backward=False, or a static or "
             "increment method (e.g. 'random', 'pafi', 'id3')"
+        )
+
+
+def check_model_free(model: nn.Module) -> None:
+    """ValueError if another SelectiveOptimizer's sparse backward is installed on `model`: it
+    froze the tensors it computes, so a new optimizer would see other candidates."""
+    if sparse_backward.installed_on(model):
+        raise ValueError(
+            "this model still carries another SelectiveOptimizer's sparse backward (its "
+            "selected tensors are frozen, so this optimizer would train other candidates): "
+            "call close() on that optimizer first"
         )
 
 

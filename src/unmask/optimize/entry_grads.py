@@ -109,15 +109,17 @@ class Scratch:
     def transposed_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """xᵀ (in x T, contiguous, `dtype`), transposed once for every module fed this x.
 
-        The cache holds x itself, so its storage cannot be freed and reused by another tensor
-        with the same address while the copy is kept; `_version` catches in-place changes.
+        The cache holds x's storage (detached: x's autograd history would reach the module's
+        plan, whose owner holds this, a cycle through autograd nodes that gc cannot free), so
+        it cannot be freed and reused by another tensor with the same address while the copy
+        is kept; `_version` (shared with the detached view) catches in-place changes.
         """
         key = (x.data_ptr(), x.shape, x.stride(), x._version, x.dtype, dtype)
         if self._input is not None and self._input[1] == key:
             return self._input[2]
         self._input = None
         out = transposed_rows(x, None, 0, x.shape[1], dtype, self, "input")
-        self._input = (x, key, out)
+        self._input = (x.detach(), key, out)
         return out
 
 
@@ -205,6 +207,8 @@ def embedding_entry_grads(
     Returns:
         (n,) in `dtype`; temporaries O(N · H + n) (a sum per distinct token of the batch).
     """
+    if ids.numel() == 0:  # an empty batch: every entry's sum is over no position
+        return torch.zeros(rows.numel(), dtype=dtype, device=dout.device)
     tokens, where = torch.unique(ids, sorted=True, return_inverse=True)
     compact = torch.zeros(tokens.numel(), dout.shape[1], dtype=dtype, device=dout.device)
     compact.index_add_(0, where, dout.to(dtype))

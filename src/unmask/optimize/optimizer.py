@@ -47,6 +47,7 @@ from unmask.optimize.backward_switch import BackwardSwitch
 from unmask.optimize.calibration import LossFn, fisher_sums
 from unmask.optimize.checkpoint import build_state_dict, restore_state_dict
 from unmask.optimize.configuration import (
+    check_model_free,
     check_options,
     check_same_device,
     check_same_parameters,
@@ -105,8 +106,13 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         sparse_backward: on the steps whose mask is known, compute only the selected weights'
             gradients (`unmask.optimize.backward_switch`); the trained weights are the dense
             path's up to float rounding, and clipping's norm is over the gradients computed.
-            Under DDP, wrap the model with `find_unused_parameters=True`. Not for methods that
-            reselect every step or train densely, nor on FSDP. `close()` gives the model back.
+            The selected gradients accumulate in the optimizer, not in `.grad`: clear them with
+            `opt.zero_grad()` (`model.zero_grad()` does not); `torch.autograd.grad` leaves them
+            alone, a double backward (create_graph=True) raises, and so does copying or
+            pickling the model while installed. Candidates holding no selected weight are
+            frozen while installed unless freeze_unselected=False. Under DDP, wrap the model
+            with `find_unused_parameters=True`. Not for methods that reselect every step or
+            train densely, nor on FSDP. `close()` gives the model back.
         unmask_every: k, for increment methods; 1 (default) is the paper. On steps 0, k, 2k, ...
             the weights the schedule unmasks over that step and the k - 1 after it are unmasked
             at once (|Λ| after step s never exceeds the schedule's count after step
@@ -155,6 +161,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         **optimizer_kwargs: Any,
     ) -> None:
         check_finite_options(optimizer, optimizer_kwargs)  # before anything touches the model
+        check_model_free(model)
         self.model = model
         self.method = make_method(method, score_eps=score_eps, score_exp=score_exp, seed=seed)
         self.schedule = get_schedule(schedule)
@@ -219,6 +226,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
             sparse_backward=sparse_backward,
             unmask_every=unmask_every,
             low_memory=low_memory,
+            freeze_idle=freeze_unselected is not False,
         )
         self._switch.refresh(self.steps_done, self.calibrated)
 

@@ -33,7 +33,6 @@ owner being garbage-collected) puts both back. `state_dict` keys never change.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +78,7 @@ class _SelectedLinear(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         plan: _Plan = ctx.plan
+        accumulate = plan.owner.accumulates()
         # In the (out x in) orientation of nn.Linear; a Conv1D's weight is its transpose.
         w = weight.t() if plan.transposed else weight
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -91,8 +91,9 @@ class _SelectedLinear(torch.autograd.Function):
         db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
-        with torch.no_grad():
-            plan.add_linear(dy2, x2)
+        if accumulate:
+            with torch.no_grad():
+                plan.add_linear(dy2, x2)
         return dx, dw, db, None, None
 
 
@@ -108,8 +109,9 @@ class _SelectedEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         (ids,) = ctx.saved_tensors
-        with torch.no_grad():
-            ctx.plan.add_embedding(dout.reshape(-1, dout.shape[-1]), ids.reshape(-1))
+        if ctx.plan.owner.accumulates():
+            with torch.no_grad():
+                ctx.plan.add_embedding(dout.reshape(-1, dout.shape[-1]), ids.reshape(-1))
         return None, None, None, None
 
 
@@ -147,28 +149,41 @@ class _Plan:
         self._add(w, grads)
 
 
-def _linear_forward(ref: weakref.ref, module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The sparse forward of an nn.Linear or a Conv1D."""
-    own = type(module).forward
+class _SparseForward:
+    """The forward installed on a module holding sparse tensors (an instance attribute, so the
+    module's class is untouched); falls back to the module's own once the owner is gone."""
 
-    def forward(x: Tensor) -> Tensor:
-        plan = ref()
+    def __init__(self, ref: weakref.ref, module: nn.Module) -> None:
+        self.ref, self.module = ref, module
+        self.embedding = isinstance(module, nn.Embedding)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        plan, module = self.ref(), self.module
         if plan is None:  # the owner is gone (its finalizer restores the forward)
-            return own(module, x)
+            return type(module).forward(module, x)
+        if self.embedding:
+            return _SelectedEmbedding.apply(x, module.weight, plan.owner.anchor, plan)
         plan.owner.scratch.forget()  # a new forward: the inputs it transposed may change
         return _SelectedLinear.apply(x, module.weight, module.bias, plan.owner.anchor, plan)
 
-    return forward
+    def _refuse(self, what: str) -> None:
+        # A copy would share this module's forward (and its frozen flags): it would compute
+        # with the original's weights and feed the original's optimizer.
+        raise TypeError(
+            f"cannot {what} a model while a SelectiveOptimizer's sparse backward is installed "
+            "on it: call opt.close() first (or copy the base model and apply opt.delta() to it)"
+        )
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        self._refuse("deepcopy")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self._refuse("pickle (torch.save)")
 
 
-def _embedding_forward(ref: weakref.ref, module: nn.Embedding) -> Callable[[Tensor], Tensor]:
-    def forward(ids: Tensor) -> Tensor:
-        plan = ref()
-        if plan is None:
-            return F.embedding(ids, module.weight, module.padding_idx)
-        return _SelectedEmbedding.apply(ids, module.weight, plan.owner.anchor, plan)
-
-    return forward
+def installed_on(model: nn.Module) -> bool:
+    """Whether a sparse backward is installed on `model` (some module has its forward)."""
+    return any(isinstance(m.__dict__.get("forward"), _SparseForward) for m in model.modules())
 
 
 def _supports(module: nn.Module, role: str) -> bool:
@@ -213,8 +228,12 @@ class SparseBackward:
         slots: the slots (their `layout` is the final mask); gradients go to `slots.delta.grad`.
         max_density: tensors with a larger selected fraction keep the dense path (None: the
             module's MAX_DENSITY).
+        freeze_idle: candidate tensors holding no selected weight stop requiring a gradient
+            too (while installed).
 
-    Candidate tensors holding no selected weight stop requiring a gradient too.
+    Gradients reach the slots only in a backward that accumulates (`loss.backward()`), not in
+    `torch.autograd.grad`; a double backward (create_graph=True) raises. Copying or pickling
+    the model while installed raises (close the optimizer first).
 
     Attributes:
         sparse: positions of the candidates whose selected gradients are computed here.
@@ -227,6 +246,7 @@ class SparseBackward:
         params: list[Tensor],
         slots: SlotBuffers,
         max_density: float | None = None,
+        freeze_idle: bool = True,
     ) -> None:
         max_density = MAX_DENSITY if max_density is None else max_density
         self.slots = slots
@@ -236,6 +256,10 @@ class SparseBackward:
         # Makes autograd call the sparse backward even where no input requires a gradient (the
         # first layer); it never gets a gradient itself.
         self.anchor = torch.zeros((), device=slots.delta.device, requires_grad=True)
+        # The anchor's gradient accumulator: the engine runs it in loss.backward(), not in
+        # torch.autograd.grad(loss, inputs), which must leave every gradient alone.
+        with torch.enable_grad():  # this may be built inside step(), under no_grad
+            self._anchor_node = self.anchor.view_as(self.anchor).grad_fn.next_functions[0][0]
         capable = sparse_capable(model, params)
         layout = {i: (s, local) for i, s, local in slots.layout}
         self.sparse = [
@@ -255,18 +279,31 @@ class SparseBackward:
             plan = _Plan(self, module, entries.get("weight"), entries.get("bias"))
             self._plans.append(plan)
             records.append((module, module.__dict__.get("forward")))
-            make = _embedding_forward if isinstance(module, nn.Embedding) else _linear_forward
-            module.forward = make(weakref.ref(plan), module)
-        # The sparse tensors, and the tensors holding no selected weight, need no weight gradient.
-        idle = [i for i in range(len(params)) if i not in layout]
+            module.forward = _SparseForward(weakref.ref(plan), module)
+        # The sparse tensors need no weight gradient, nor (unless told to keep them, e.g. for a
+        # reentrant checkpoint fed by an idle embedding) the tensors holding no selected weight.
+        idle = [i for i in range(len(params)) if i not in layout] if freeze_idle else []
         frozen = [params[i] for i in self.sparse + idle if params[i].requires_grad]
         for p in frozen:
             p.requires_grad_(False)
             p.grad = None
         self._finalizer = weakref.finalize(self, _restore, records, frozen)
 
+    def accumulates(self) -> bool:
+        """In a backward: whether it accumulates gradients (loss.backward(), not autograd.grad).
+        RuntimeError for a double backward, whose second-order terms through the selected
+        weights this backward does not record."""
+        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+            raise RuntimeError(
+                "sparse_backward=True does not support double backward (create_graph=True: "
+                "gradient penalties, higher-order gradients): the selected weights' second-order "
+                "terms are not recorded; use sparse_backward=False"
+            )
+        return torch._C._will_engine_execute_node(self._anchor_node)
+
     def remove(self) -> None:
         """Give the modules their own forward and the tensors their requires_grad back."""
+        self.scratch.forget()
         self._finalizer()
 
 
