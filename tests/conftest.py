@@ -64,6 +64,19 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gpt2(**fields: float):
+    """A tiny random GPT-2 in eval mode: Conv1D projections (weights stored in x out), a tied
+    LM head; `fields` override its GPT2Config fields."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    options = dict(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(GPT2Config(**{**options, **fields})).eval()
+
+
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 
 

@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import MODELS, assert_clear, bits, launch_torchrun, make_batches, snapshot
+from conftest import (
+    MODELS,
+    assert_clear,
+    bits,
+    launch_torchrun,
+    make_batches,
+    snapshot,
+    tiny_gpt2,
+)
 from method_matrix import method_kwargs, method_names, prepare
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -40,23 +48,6 @@ def every_tensor_sparse(monkeypatch):
 
 def _loss(model, batch):
     return model(**batch).loss
-
-
-def tiny_gpt2():
-    """A tiny random GPT-2: Conv1D projections (weights stored in x out), a tied LM head."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=100,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config).eval()
 
 
 SHAPES = {**MODELS, "gpt2": tiny_gpt2}

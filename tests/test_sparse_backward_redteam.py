@@ -19,7 +19,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batches, snapshot, tiny_bert, tiny_llama
+from conftest import make_batches, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -118,22 +118,10 @@ def train_both(dm, do, sm, so, steps_fn):
         steps_fn(model, opt)
 
 
-def tiny_gpt2(**fields):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        **fields,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config).eval()
-
-
 HF = {
     "bert": lambda: tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     "llama": tiny_llama,
-    "gpt2": tiny_gpt2,
+    "gpt2": lambda: tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 }
 
 

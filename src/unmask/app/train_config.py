@@ -214,11 +214,9 @@ def resolve_defaults(config: TrainConfig) -> TrainConfig:
 
     `sparse_backward` is on for a method whose mask is chosen before training
     (`Method.chooses_once`: random, pafi, bitfit, fish), where the benchmark measured the
-    sparse step faster than the dense one in every cell (0.69-0.86x;
-    benchmarks/results/sparse_backward); off for growing masks, whose final-mask step was once
-    slower (1.03x, id3_dense_vs_sparse/), for the other methods and for LoRA. The library's
-    own default stays off (docs/sparse_backward.md says why); the CLI owns its training loop,
-    which clips through the optimizer.
+    sparse step faster than the dense one in every cell; off for growing masks (measured once
+    slower), the other methods and LoRA (docs/sparse_backward.md, "Defaults"). The library's
+    own default stays off; the CLI owns its training loop, which clips through the optimizer.
     """
     if config.sparse_backward is not None:
         return config

@@ -27,10 +27,10 @@ class BackwardSwitch:
     Args:
         model: the model being trained.
         selector: the optimizer's selection (method, budget, candidates, slots).
-        freeze_unselected, sparse_backward, unmask_every: the optimizer's options.
+        freeze_unselected, sparse_backward, unmask_every: the optimizer's options. None for
+            freeze_unselected is on in low-memory mode; the sparse backward freezes the
+            candidates holding no selected weight, while installed, unless it is False.
         low_memory: whether a gradient tap gathers (and clears) the slots' gradients.
-        freeze_idle: whether the sparse backward freezes, while installed, the candidates holding
-            no selected weight (the optimizer: unless freeze_unselected=False was asked for).
 
     It holds no reference to the optimizer, so dropping the optimizer drops the sparse backward,
     whose finalizer gives the model back.
@@ -44,15 +44,15 @@ class BackwardSwitch:
         model: nn.Module,
         selector: Selector,
         *,
-        freeze_unselected: bool,
+        freeze_unselected: bool | None,
         sparse_backward: bool,
         unmask_every: int,
         low_memory: bool,
-        freeze_idle: bool = True,
     ) -> None:
         self.model, self.selector = model, selector
-        self.freeze_idle = freeze_idle
-        self.freeze_unselected, self.sparse_backward = freeze_unselected, sparse_backward
+        self.freeze_idle = freeze_unselected is not False
+        self.freeze_unselected = low_memory if freeze_unselected is None else freeze_unselected
+        self.sparse_backward = sparse_backward
         self.unmask_every, self.low_memory = unmask_every, low_memory
         self.backward: SparseBackward | None = None
         self._averaged = False  # this step's slot gradients were all-reduced already

@@ -89,6 +89,13 @@ def sparse_budget(
     return sparse
 
 
+def total_budget(method: Method, sparse: int, candidates: Candidates, dense_in_budget: bool) -> int:
+    """B as reported: the slots' budget `sparse` plus the dense parameters' size when they
+    count against it (a dense-training method's weights are its candidates already)."""
+    charged = dense_in_budget and not method.trains_dense
+    return sparse + (candidates.dense_numel if charged else 0)
+
+
 def check_sparse_backward(method: Method, sparse_backward: bool) -> None:
     """ValueError if `sparse_backward=True` cannot work with the method."""
     if not sparse_backward:
@@ -99,6 +106,15 @@ def check_sparse_backward(method: Method, sparse_backward: bool) -> None:
             f"sparse_backward=True is not available for method {method.name!r}: it {what}, so "
             "every weight's gradient is needed; use sparse_backward=False, or a static or "
             "increment method (e.g. 'random', 'pafi', 'id3')"
+        )
+
+
+def check_calibrated(method: Method, calibrated: bool) -> None:
+    """RuntimeError before a step of a calibration method that has not been calibrated."""
+    if not calibrated:
+        raise RuntimeError(
+            f"method {method.name!r} chooses its mask from calibration batches: call "
+            "opt.calibrate(batches) before the first step"
         )
 
 

@@ -47,12 +47,14 @@ from unmask.optimize.backward_switch import BackwardSwitch
 from unmask.optimize.calibration import LossFn, fisher_sums
 from unmask.optimize.checkpoint import build_state_dict, restore_state_dict
 from unmask.optimize.configuration import (
+    check_calibrated,
     check_model_free,
     check_options,
     check_same_device,
     check_same_parameters,
     detect_shards,
     sparse_budget,
+    total_budget,
 )
 from unmask.optimize.gradients import (
     check_max_nonfinite_steps,
@@ -106,13 +108,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         sparse_backward: on the steps whose mask is known, compute only the selected weights'
             gradients (`unmask.optimize.backward_switch`); the trained weights are the dense
             path's up to float rounding, and clipping's norm is over the gradients computed.
-            The selected gradients accumulate in the optimizer, not in `.grad`: clear them with
-            `opt.zero_grad()` (`model.zero_grad()` does not); `torch.autograd.grad` leaves them
-            alone, a double backward (create_graph=True) raises, and so does copying or
-            pickling the model while installed. Candidates holding no selected weight are
-            frozen while installed unless freeze_unselected=False. Under DDP, wrap the model
-            with `find_unused_parameters=True`. Not for methods that reselect every step or
-            train densely, nor on FSDP. `close()` gives the model back.
+            They accumulate in the optimizer, not in `.grad` (clear with `opt.zero_grad()`);
+            what else user code sees: docs/sparse_backward.md. Under DDP, wrap the model with
+            `find_unused_parameters=True`. Not for methods that reselect every step or train
+            densely, nor on FSDP. `close()` gives the model back.
         unmask_every: k, for increment methods; 1 (default) is the paper. On steps 0, k, 2k, ...
             the weights the schedule unmasks over that step and the k - 1 after it are unmasked
             at once (|Λ| after step s never exceeds the schedule's count after step
@@ -183,8 +182,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._dense_numel = cands.dense_numel
         self.budget = sparse_budget(self.method, budget, cands, dense_in_budget)
         self.dense_in_budget = dense_in_budget
-        charged = dense_in_budget and not self.method.trains_dense
-        self.total_budget = self.budget + (cands.dense_numel if charged else 0)
+        self.total_budget = total_budget(self.method, self.budget, cands, dense_in_budget)
 
         self._selector = Selector(
             self.method, self.schedule, self.budget, self.total_steps, cands.sparse, self._shards
@@ -214,7 +212,6 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         elif self.method.chooses_once and self.calibrated:
             with torch.no_grad():
                 self._selector.choose_once(None)
-        self.freeze_unselected = low_memory if freeze_unselected is None else freeze_unselected
         self.low_memory, self.sparse_backward = low_memory, sparse_backward
         # A weak reference: the tap must not keep a dropped optimizer alive.
         quota = weakref.WeakMethod(self._quota)
@@ -222,11 +219,10 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._switch = BackwardSwitch(
             model,
             self._selector,
-            freeze_unselected=self.freeze_unselected,
+            freeze_unselected=freeze_unselected,
             sparse_backward=sparse_backward,
             unmask_every=unmask_every,
             low_memory=low_memory,
-            freeze_idle=freeze_unselected is not False,
         )
         self._switch.refresh(self.steps_done, self.calibrated)
 
@@ -262,11 +258,7 @@ class SelectiveOptimizer(torch.optim.Optimizer):
         self._check_same_parameters()
         check_same_device(self._params, self._slots.delta.device)
         slots = self._slots
-        if not self.calibrated:
-            raise RuntimeError(
-                f"method {self.method.name!r} chooses its mask from calibration batches: call "
-                "opt.calibrate(batches) before the first step"
-            )
+        check_calibrated(self.method, self.calibrated)
         if not self._gradients_finite():
             self._skip_step()
             return loss
